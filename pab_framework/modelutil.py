@@ -1,0 +1,60 @@
+"""Model helpers shared by stages and pruners: building with a seed, initialisation, prunable weights."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of Conv2d and Linear layers, by parameter name, in module order."""
+    out: dict[str, nn.Parameter] = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            out[f"{mname}.weight" if mname else "weight"] = module.weight
+    return out
+
+
+def init_weight_(weight: torch.Tensor, method: str) -> None:
+    """Re-draw one weight tensor. fan-in and ReLU gain, as the original PaB code."""
+    if method == "default":
+        return
+    with torch.no_grad():
+        if method == "kaiming_normal":
+            nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+        elif method == "kaiming_uniform":
+            nn.init.kaiming_uniform_(weight, mode="fan_in", nonlinearity="relu")
+        elif method == "kaiming_constant_signed":
+            fan = nn.init._calculate_correct_fan(weight, "fan_in")
+            std = nn.init.calculate_gain("relu") / math.sqrt(fan)
+            # sign of a fresh normal draw: +-std with equal probability, never 0
+            sign = torch.where(torch.randn_like(weight) >= 0, 1.0, -1.0).to(weight.dtype)
+            weight.copy_(sign * std)
+        else:  # pragma: no cover - the spec's Literal rejects anything else
+            raise ValueError(f"unknown init method {method!r}")
+
+
+def initialise(model: nn.Module, method: str, scope: str) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) or (scope == "all" and isinstance(module, nn.Linear)):
+            init_weight_(module.weight, method)
+
+
+def apply_masks_(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place (one multi-tensor op)."""
+    names = [n for n in masks if n in params]
+    if not names:
+        return
+    with torch.no_grad():
+        ps = [params[n].data for n in names]
+        ms = [masks[n].to(device=ps[i].device, dtype=ps[i].dtype) for i, n in enumerate(names)]
+        torch._foreach_mul_(ps, ms)
+
+
+def density_of(masks: dict[str, torch.Tensor]) -> tuple[int, int]:
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return kept, total

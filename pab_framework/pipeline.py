@@ -1,0 +1,84 @@
+"""Run a spec: every stage in topological order, each in its own content-keyed directory,
+reused when already complete."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+from .context import DistInfo, StageContext, Upstream
+from .errors import PabError
+from .graph import stage_keys, topological_order
+from .progress import Reporter
+from .spec import ExperimentSpec
+from .yamlio import dump_yaml
+
+
+@dataclass
+class StageOutcome:
+    stage_id: str
+    kind: str
+    dir: Path
+    result: dict
+    reused: bool
+    wall_s: float
+
+
+def stage_dir(spec: ExperimentSpec, stage_id: str, key: str) -> Path:
+    return spec.output_root / f"{stage_id}-{key[:12]}"
+
+
+def pick_device(spec: ExperimentSpec, dist: DistInfo) -> torch.device:
+    want = spec.runtime.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise PabError("runtime.device is 'cuda' but no CUDA device is available here (use 'auto' or 'cpu')")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def plan(spec: ExperimentSpec) -> list[tuple[str, str, Path, bool]]:
+    """(stage id, key, directory, complete?) in the order the stages run."""
+    keys = stage_keys(spec)
+    order = topological_order({sid: list(st.after) for sid, st in spec.stages.items()})
+    return [(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
+
+
+def run_spec(spec: ExperimentSpec, *, force: bool = False, reporter: Reporter | None = None, dist: DistInfo | None = None) -> list[StageOutcome]:
+    dist = dist or DistInfo()
+    reporter = reporter or Reporter(mode=spec.runtime.progress, enabled=dist.is_main)
+    device = pick_device(spec, dist)
+    outcomes: dict[str, StageOutcome] = {}
+    for sid, key, sdir, complete in plan(spec):
+        st = spec.stages[sid]
+        upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.after}
+        if complete and not force:
+            result = artifacts.read_json(sdir / artifacts.RESULT)
+            reporter.log(f"[green]reused[/] {sid} ({st.kind}) from {sdir}")
+            outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, True, 0.0)
+            continue
+        reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}")
+        if dist.is_main:
+            sdir.mkdir(parents=True, exist_ok=True)
+            # a forced re-run: the stage is incomplete from here until its new result is written
+            if (sdir / artifacts.RESULT).exists():
+                os.unlink(sdir / artifacts.RESULT)
+            artifacts.atomic_write_text(
+                sdir / artifacts.SPEC,
+                dump_yaml({"stage": sid, "key": key, "spec": spec.resolved_dict()}),
+            )
+        ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
+        t0 = time.perf_counter()
+        result = dict(st.plugin.run(ctx))
+        wall = time.perf_counter() - t0
+        result.setdefault("wall_s", round(wall, 3))
+        if dist.is_main:
+            artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
+        outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall)
+    return list(outcomes.values())

@@ -1,0 +1,147 @@
+"""The one door to plugins: entry-point groups read through stevedore.
+
+Built-in plugins are registered in pyproject.toml exactly like a third-party package registers
+its own; nothing here imports `plugins` directly. A plugin whose import fails, or whose `Params`
+is not a pydantic model, is recorded as broken with its error; the others keep working.
+"""
+from __future__ import annotations
+
+import difflib
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import PluginError
+
+GROUPS = {
+    "model": "pab.models",
+    "dataset": "pab.datasets",
+    "pruner": "pab.pruners",
+    "optimizer": "pab.optimizers",
+    "quantizer": "pab.quantizers",
+    "stage": "pab.stages",
+}
+
+# What each kind of plugin must provide, beside `Params`.
+REQUIRED_METHODS = {
+    "pab.models": ("build",),
+    "pab.datasets": ("build", "info"),
+    "pab.pruners": ("score",),
+    "pab.optimizers": ("build",),
+    "pab.quantizers": ("apply",),
+    "pab.stages": ("run",),
+}
+
+
+@dataclass
+class Broken:
+    name: str
+    group: str
+    target: str
+    error: str
+
+
+@dataclass
+class Entry:
+    name: str
+    group: str
+    target: str  # "module:attr", for `pab plugins`
+    obj: Any  # the plugin instance
+
+    @property
+    def Params(self) -> type[BaseModel]:
+        return self.obj.Params
+
+    @property
+    def package(self) -> str:
+        return self.target.split(":")[0].split(".")[0]
+
+
+class Registry:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[dict[str, Entry], dict[str, Broken]]] = {}
+
+    def _load(self, group: str) -> tuple[dict[str, Entry], dict[str, Broken]]:
+        with self._lock:
+            if group in self._loaded:
+                return self._loaded[group]
+            from stevedore import ExtensionManager
+
+            broken: dict[str, Broken] = {}
+
+            def on_fail(manager, ep, err):
+                broken[ep.name] = Broken(ep.name, group, ep.value, f"{type(err).__name__}: {err}")
+
+            mgr = ExtensionManager(
+                namespace=group,
+                invoke_on_load=False,
+                on_load_failure_callback=on_fail,
+                verify_requirements=False,
+            )
+            entries: dict[str, Entry] = {}
+            for ext in mgr.extensions:
+                target = ext.entry_point.value
+                try:
+                    obj = ext.plugin() if isinstance(ext.plugin, type) else ext.plugin
+                    problem = _check_plugin(group, obj)
+                except Exception as e:  # a plugin's constructor is third-party code
+                    problem = f"{type(e).__name__}: {e}"
+                if problem:
+                    broken[ext.name] = Broken(ext.name, group, target, problem)
+                elif ext.name in entries:
+                    broken[ext.name] = Broken(ext.name, group, target, f"name already registered by {entries[ext.name].target}")
+                else:
+                    entries[ext.name] = Entry(ext.name, group, target, obj)
+            self._loaded[group] = (entries, broken)
+            return self._loaded[group]
+
+    def names(self, group: str) -> list[str]:
+        return sorted(self._load(group)[0])
+
+    def entries(self, group: str) -> dict[str, Entry]:
+        return dict(self._load(group)[0])
+
+    def broken(self, group: str) -> dict[str, Broken]:
+        return dict(self._load(group)[1])
+
+    def get(self, group: str, name: str) -> Entry:
+        entries, broken = self._load(group)
+        if name in entries:
+            return entries[name]
+        raise PluginError(unknown_plugin_message(group, name, sorted(entries), broken.get(name)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+def _check_plugin(group: str, obj: Any) -> str | None:
+    params = getattr(obj, "Params", None)
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        return f"its Params is {params!r}, not a pydantic model"
+    for method in REQUIRED_METHODS.get(group, ()):
+        if not callable(getattr(obj, method, None)):
+            return f"it has no {method}() method, which every plugin in {group} must provide"
+    return None
+
+
+def unknown_plugin_message(group: str, name: str, known: list[str], broken: Broken | None = None) -> str:
+    kind = {v: k for k, v in GROUPS.items()}.get(group, group)
+    if broken is not None:
+        return f"{kind} plugin {name!r} is installed but broken ({broken.target}): {broken.error}"
+    msg = f"unknown {kind} {name!r}"
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    msg += f" Known {kind}s: {', '.join(known) if known else '(none installed)'}"
+    return msg
+
+
+_registry = Registry()
+
+
+def registry() -> Registry:
+    return _registry

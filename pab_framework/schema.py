@@ -1,0 +1,50 @@
+"""JSON Schema of the spec with every installed plugin's parameters, for editors."""
+from __future__ import annotations
+
+from typing import Any
+
+from .registry import Registry, registry as default_registry
+from .spec import DataCall, ExperimentSpec, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec
+
+CALLS: list[type[PluginCall]] = [ModelCall, DataCall, PrunerCall, OptimizerCall, QuantizerCall]
+REF = "#/$defs/{model}"
+
+
+def _params_schema(model, defs: dict) -> dict:
+    s = model.model_json_schema(ref_template=REF)
+    for k, v in s.pop("$defs", {}).items():
+        if k not in {c.__name__ for c in CALLS} | {"StageSpec"}:
+            defs.setdefault(k, v)
+    return s
+
+
+def _variant(const_key: str, const: str, doc: str | None, own: dict, plugin: dict) -> dict:
+    props = {**own.get("properties", {}), **plugin.get("properties", {})}
+    props[const_key] = {"const": const, "description": (doc or "").strip().splitlines()[0] if doc else const}
+    required = sorted(set(own.get("required", [])) | set(plugin.get("required", [])) | {const_key})
+    return {"type": "object", "title": const, "properties": props, "required": required, "additionalProperties": False,
+            "if": {"properties": {const_key: {"const": const}}}}
+
+
+def spec_schema(reg: Registry | None = None) -> dict[str, Any]:
+    reg = reg or default_registry()
+    schema = ExperimentSpec.model_json_schema(ref_template=REF)
+    defs = schema.setdefault("$defs", {})
+    for call in CALLS:
+        own = call.model_json_schema(ref_template=REF)
+        own.get("properties", {}).pop("name", None)
+        variants = []
+        for name, entry in reg.entries(call.group).items():
+            variants.append(_variant("name", name, entry.obj.__doc__, own, _params_schema(entry.Params, defs)))
+        defs[call.__name__] = {"title": call.__name__, "description": f"A plugin from the {call.group} entry-point group.",
+                               "type": "object", "required": ["name"],
+                               "properties": {"name": {"enum": sorted(reg.names(call.group))}},
+                               "anyOf": variants or [{"type": "object"}]}
+    own = StageSpec.model_json_schema(ref_template=REF)
+    own.get("properties", {}).pop("kind", None)
+    variants = [_variant("kind", name, entry.obj.__doc__, own, _params_schema(entry.Params, defs)) for name, entry in reg.entries("pab.stages").items()]
+    defs["StageSpec"] = {"title": "StageSpec", "type": "object", "required": ["kind"],
+                         "properties": {"kind": {"enum": sorted(reg.names("pab.stages"))}}, "anyOf": variants}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pab experiment spec"
+    return schema

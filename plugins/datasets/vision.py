@@ -1,0 +1,100 @@
+"""Image datasets from disk: CIFAR-10/100 (torchvision's format) and ImageFolder (ImageNet layout)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pab_framework.data import DataInfo
+from pab_framework.errors import DataError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _root(root: str, base_dir) -> Path:
+    p = Path(root).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = Path(base_dir) / p
+    return p
+
+
+class _Cifar:
+    num_classes = 10
+    folder = "cifar-10-batches-py"
+    tv_class = "CIFAR10"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        root: str = Field("data", description="Directory holding the dataset (relative to the spec file).")
+        download: bool = Field(False, description="Download when missing (needs a network).")
+        augment: bool = Field(True, description="Random crop (padding 4) and horizontal flip for training.")
+
+    def info(self, params, *, base_dir=None) -> DataInfo:
+        return DataInfo(num_classes=self.num_classes, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)
+
+    def build(self, params, split: str, *, base_dir=None):
+        import torchvision
+        import torchvision.transforms as T
+
+        root = _root(params.root, base_dir)
+        if not params.download and not (root / self.folder).is_dir():
+            raise DataError(
+                f"{self.tv_class} data not found: looked for {root / self.folder} "
+                f"(set data.root to the directory that contains {self.folder}/, or data.download: true)"
+            )
+        norm = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if split == "train" and params.augment else []) + norm)
+        try:
+            return getattr(torchvision.datasets, self.tv_class)(str(root), train=split == "train", transform=tf, download=params.download)
+        except RuntimeError as e:
+            raise DataError(f"{self.tv_class} data under {root} is unusable: {e}") from None
+
+
+class Cifar10(_Cifar):
+    """CIFAR-10 in torchvision's format (`cifar-10-batches-py/` under `root`)."""
+
+
+class Cifar100(_Cifar):
+    """CIFAR-100 in torchvision's format (`cifar-100-python/` under `root`)."""
+
+    num_classes = 100
+    folder = "cifar-100-python"
+    tv_class = "CIFAR100"
+
+
+class ImageFolder:
+    """`root/train/<class>/*.jpg` and `root/val/<class>/*.jpg` (the ImageNet layout)."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        root: str = Field(..., description="Directory with train/ and val/ (relative to the spec file).")
+        image_size: int = Field(224, ge=8, le=4096, description="Training crop size.")
+        resize: int = Field(256, ge=8, le=4096, description="Validation images are resized to this, then centre-cropped.")
+        num_classes: int | None = Field(None, ge=2, description="Number of classes (default: counted from train/).")
+
+    def info(self, params, *, base_dir=None) -> DataInfo:
+        n = params.num_classes
+        if n is None:
+            train = _root(params.root, base_dir) / "train"
+            n = len([d for d in train.iterdir() if d.is_dir()]) if train.is_dir() else 1000
+        return DataInfo(num_classes=n, input_shape=(3, params.image_size, params.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def build(self, params, split: str, *, base_dir=None):
+        import torchvision
+        import torchvision.transforms as T
+
+        d = _root(params.root, base_dir) / ("train" if split == "train" else "val")
+        if not d.is_dir():
+            raise DataError(f"image folder not found: {d} (expected {d.parent}/train/<class>/... and {d.parent}/val/<class>/...)")
+        norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if split == "train":
+            tf = T.Compose([T.RandomResizedCrop(params.image_size), T.RandomHorizontalFlip()] + norm)
+        else:
+            tf = T.Compose([T.Resize(params.resize), T.CenterCrop(params.image_size)] + norm)
+        try:
+            return torchvision.datasets.ImageFolder(str(d), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"image folder {d} is unusable: {e}") from None

@@ -1,0 +1,102 @@
+"""`bop`: sign flips for the masked weights, a full-precision optimizer (`rest:`) for the others.
+
+Bop (Helwegen et al., 2019) keeps a moving average m of each weight's gradient and flips the
+weight's sign where |m| >= tau and sign(m) = sign(w). Magnitudes never change and pruned (zero)
+weights stay zero, which is exactly PaB's "train only the signs of the surviving weights".
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from pab_framework.optim import OptimizerContext, TrainOptimizer
+from pab_framework.spec import OptimizerCall
+
+from .bop_optim import Bop as BopOptimizer
+
+
+class Decay(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(..., ge=1, description="Multiply by `factor` every this many epochs.")
+    factor: float = Field(..., gt=0, le=1, description="Decay factor.")
+
+
+class BopHybrid(TrainOptimizer):
+    """Bop for the sign-trained weights and another optimizer for the rest, as one optimizer."""
+
+    def __init__(self, bop: BopOptimizer, rest: TrainOptimizer, names: list[str], params: "BopPlugin.Params"):
+        self.bop = bop
+        self.rest = rest
+        self.names = names
+        self.p = params
+        self.sign_params = frozenset(names)
+        self.ar = params.ar
+        self.tau = params.tau
+
+    def zero_grad(self) -> None:
+        self.bop.zero_grad(set_to_none=True)
+        self.rest.zero_grad()
+
+    def step(self) -> None:
+        self.bop.step()
+        self.rest.step()
+
+    def step_end(self) -> None:
+        self.rest.step_end()
+
+    def epoch_end(self, epoch: int) -> dict:
+        counts = self.bop.flip_counts()
+        flips = int(torch.stack([c.to("cpu") for c in counts]).sum()) if counts else 0
+        per_layer = {n: int(c) for n, c in zip(self.names, counts)}
+        self.bop.reset_flip_counts()
+        out = {"flips": flips, "flips_per_layer": per_layer, "ar": self.ar, "tau": self.tau}
+        out.update(self.rest.epoch_end(epoch))
+        done = epoch + 1
+        if self.p.ar_decay and done % self.p.ar_decay.every == 0:
+            self.ar *= self.p.ar_decay.factor
+            self.bop.set_ar(self.ar)
+        if self.p.tau_decay and done % self.p.tau_decay.every == 0:
+            self.tau *= self.p.tau_decay.factor
+            self.bop.set_tau(self.tau)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"bop": self.bop.state_dict(), "rest": self.rest.state_dict(), "ar": self.ar, "tau": self.tau}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bop.load_state_dict(state["bop"])
+        self.rest.load_state_dict(state["rest"])
+        self.ar, self.tau = state["ar"], state["tau"]
+
+
+class BopPlugin:
+    """Bop for the masked (prunable) weights; `rest:` optimizes BatchNorm, biases and anything else."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        ar: float = Field(1e-3, gt=0, lt=1, description="Adaptivity rate of the gradient moving average, in (0, 1).")
+        tau: float = Field(1e-6, ge=0, description="Flip threshold on |m|.")
+        init_average: Literal["zero", "first_grad"] = Field(
+            "zero", description="`zero`: m starts at 0 (Bop paper); `first_grad`: the first step sets m = g*(1+ar), as the original PaB code."
+        )
+        ar_decay: Optional[Decay] = Field(None, description="Multiply ar by `factor` every `every` epochs.")
+        tau_decay: Optional[Decay] = Field(None, description="Multiply tau by `factor` every `every` epochs.")
+        owns: Literal["masked", "conv"] = Field(
+            "masked", description="Which weights Bop trains: every masked weight, or Conv2d weights only (as the original PaB code)."
+        )
+        rest: OptimizerCall = Field(default_factory=lambda: OptimizerCall(name="sgd"), description="Optimizer for the parameters Bop does not own.")
+
+    def build(self, params: "BopPlugin.Params", octx: OptimizerContext) -> TrainOptimizer:
+        def owned(name: str) -> bool:
+            if name not in octx.masks:
+                return False
+            return params.owns == "masked" or isinstance(octx.module_of.get(name), nn.Conv2d)
+
+        names = [n for n, _ in octx.named_params if owned(n)]
+        bop = BopOptimizer([p for n, p in octx.named_params if owned(n)], ar=params.ar, tau=params.tau, init_average=params.init_average)
+        rest_names = {n for n, _ in octx.named_params if not owned(n)}
+        rest = params.rest.plugin.build(params.rest.params, octx.subset(rest_names))
+        return BopHybrid(bop, rest, names, params)
