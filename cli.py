@@ -50,10 +50,14 @@ def run(
     spec: Path = typer.Argument(..., help="The experiment spec (YAML)."),
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage, even complete ones."),
+    restart: bool = typer.Option(False, "--restart", help="Throw away the checkpoints of incomplete stages instead of resuming from them."),
     progress: Optional[str] = typer.Option(None, "--progress", help="auto, rich, plain or none (default: the spec's runtime.progress)."),
     debug: bool = DebugOpt,
 ):
-    """Run every stage of SPEC (complete stages are reused)."""
+    """Run every stage of SPEC (complete stages are reused; interrupted ones resume from their checkpoint).
+
+    Exit codes: 0 done; 2 bad input (spec, artifact, plugin); 3 stopped by SIGTERM/SIGINT after
+    writing a checkpoint (run again to resume); 4 a write failed (full disk), earlier files intact."""
     from pab_framework.errors import PabError
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
@@ -62,7 +66,7 @@ def run(
     try:
         s = load_spec(spec, set_ or [])
         reporter = Reporter(out, mode=progress or s.runtime.progress)
-        outcomes = run_spec(s, force=force, reporter=reporter)
+        outcomes = run_spec(s, force=force, restart=restart, reporter=reporter)
     except PabError as e:
         _fail(e, debug)
         return

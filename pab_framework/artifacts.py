@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactError
+import errno
+
+from .errors import ArtifactError, WriteError
 
 RESULT = "result.json"
 SPEC = "spec.yaml"
@@ -46,11 +48,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise WriteError(f"cannot write {path}: {why} (the previous version, if any, is intact)") from None
         raise
     _fsync_dir(path.parent)
 
@@ -89,13 +94,16 @@ def torch_save_atomic(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def torch_load_safe(path: str | Path, map_location: Any = "cpu") -> Any:
-    """Load a torch file with `weights_only=True`; any failure is one clear ArtifactError."""
+def torch_load_safe(path: str | Path, map_location: Any = "cpu", data: bytes | None = None) -> Any:
+    """Load a torch file with `weights_only=True`; any failure is one clear ArtifactError.
+
+    `data`: the bytes to load, already read from `path` (a checkpoint's verified payload); `path`
+    then only names them in messages."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ArtifactError(f"{path}: file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean "not a safe artifact"
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):

@@ -6,6 +6,7 @@ a DataLoader. The order of every epoch is a function of (seed, epoch) alone.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,6 +37,7 @@ class Batches:
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.skip = 0
         self._tensors = None
         if isinstance(dataset, TensorDataset):
             self._tensors = tuple(t.to(device) for t in dataset.tensors)
@@ -61,8 +63,10 @@ class Batches:
                 persistent_workers=num_workers > 0,
             )
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Iterate epoch `epoch` next, leaving out its first `skip` batches (a mid-epoch resume)."""
         self.epoch = epoch
+        self.skip = skip
         if self.loader is not None:
             if self.sampler is not None:
                 self.sampler.set_epoch(epoch)
@@ -92,12 +96,14 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.loader is not None:
             nb = self.device.type == "cuda"
-            for x, y in self.loader:
+            # skipped batches are still loaded: with workers and random augmentation, only the
+            # same iterator gives the remaining batches exactly as an uninterrupted epoch would
+            for x, y in itertools.islice(self.loader, self.skip, None):
                 yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
             return
         idx = self._indices()
         n = len(idx)
         stop = n - n % self.batch_size if self.drop_last else n
-        for i in range(0, stop, self.batch_size):
+        for i in range(self.skip * self.batch_size, stop, self.batch_size):
             j = idx[i : i + self.batch_size]
             yield tuple(t.index_select(0, j) for t in self._tensors)

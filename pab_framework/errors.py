@@ -83,3 +83,9 @@ class ArtifactError(PabError):
 
 class TrainingError(PabError):
     """Training that cannot go on (a non-finite loss, say)."""
+
+
+class WriteError(PabError):
+    """A file could not be written (a full disk, say); what was there before is intact."""
+
+    exit_code = 4

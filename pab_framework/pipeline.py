@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts
+from . import artifacts, checkpoint
 from .context import DistInfo, StageContext, Upstream
 from .errors import PabError
 from .graph import stage_keys, topological_order
@@ -50,7 +50,10 @@ def plan(spec: ExperimentSpec) -> list[tuple[str, str, Path, bool]]:
     return [(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
 
 
-def run_spec(spec: ExperimentSpec, *, force: bool = False, reporter: Reporter | None = None, dist: DistInfo | None = None) -> list[StageOutcome]:
+def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False, reporter: Reporter | None = None,
+             dist: DistInfo | None = None) -> list[StageOutcome]:
+    """Run the stages that are not complete (all of them with `force`). A stage that left a
+    checkpoint resumes from it, unless `restart` throws its checkpoint away first."""
     dist = dist or DistInfo()
     reporter = reporter or Reporter(mode=spec.runtime.progress, enabled=dist.is_main)
     device = pick_device(spec, dist)
@@ -63,7 +66,13 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, reporter: Reporter | 
             reporter.log(f"[green]reused[/] {sid} ({st.kind}) from {sdir}")
             outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, True, 0.0)
             continue
-        reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}")
+        if restart and dist.is_main and checkpoint.exists(sdir):
+            checkpoint.discard(sdir)
+            reporter.log(f"[yellow]restart[/]: threw away the checkpoint of {sid}")
+        if checkpoint.exists(sdir):
+            reporter.log(f"[bold]resuming[/] {sid} ({st.kind}) from its checkpoint in {sdir} (--restart starts it afresh)")
+        else:
+            reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}")
         if dist.is_main:
             sdir.mkdir(parents=True, exist_ok=True)
             # a forced re-run: the stage is incomplete from here until its new result is written
@@ -80,5 +89,6 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, reporter: Reporter | 
         result.setdefault("wall_s", round(wall, 3))
         if dist.is_main:
             artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
+            checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
         outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall)
     return list(outcomes.values())

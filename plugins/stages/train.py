@@ -1,17 +1,16 @@
 """`train`: train the upstream model; with Bop, only the signs of the surviving weights change."""
 from __future__ import annotations
 
-import math
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from pab_framework import artifacts
-from pab_framework.errors import TrainingError
+from pab_framework import artifacts, checkpoint
+from pab_framework.errors import ArtifactError, TrainingError
 from pab_framework.modelutil import density_of, prunable_parameters
 from pab_framework.optim import OptimizerContext
 from pab_framework.spec import OptimizerCall, QuantizerCall
@@ -39,7 +38,11 @@ def evaluate(model: nn.Module, batches) -> dict:
 
 
 class TrainStage:
-    """Train for `epochs` with the named optimizer (and quantizer); metrics.jsonl gets one line per epoch."""
+    """Train for `epochs` with the named optimizer (and quantizer); metrics.jsonl gets one line per epoch.
+
+    Checkpoints every epoch (and every `checkpoint_every_steps` steps); a re-run resumes exactly
+    where the last checkpoint left off. SIGTERM/SIGINT write a checkpoint at the next step boundary
+    and stop with exit code 3."""
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -47,6 +50,12 @@ class TrainStage:
         optimizer: OptimizerCall = Field(default_factory=lambda: OptimizerCall(name="sgd"), description="Optimizer plugin and its parameters.")
         quantizer: Optional[QuantizerCall] = Field(None, description="A model transform such as PSG low-precision gradients.")
         label_smoothing: float = Field(0.0, ge=0, lt=1)
+        checkpoint_every_steps: Optional[int] = Field(
+            None, ge=1, le=10**9, description="Also checkpoint every this many steps within an epoch (always at every epoch end)."
+        )
+        on_nonfinite: Literal["stop", "skip"] = Field(
+            "stop", description="A non-finite loss: `stop` the stage with an error (the last good checkpoint is kept) or `skip` the step."
+        )
 
     def run(self, ctx) -> dict:
         p = ctx.params
@@ -63,55 +72,79 @@ class TrainStage:
         named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
         octx = OptimizerContext(named, masks, p.epochs, len(train), module_of)
         opt = p.optimizer.plugin.build(p.optimizer.params, octx)
+        run = _Run(ctx, model, masks, opt, len(train))
+        run.resume()
+        masks = run.masks
         # weights the optimizer does not keep at zero itself are re-masked after every step
         params_by_name = dict(named)
         remask = [n for n in masks if n not in opt.sign_params and n in params_by_name]
         remask_p = [params_by_name[n] for n in remask]
         remask_m = [masks[n].to(ctx.device, params_by_name[n].dtype) for n in remask]
-        metrics: list[dict] = []
         loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-        t_start = time.perf_counter()
-        with ctx.reporter.task("epoch", total=p.epochs) as ep_task, ctx.reporter.task("batch", total=len(train)) as b_task:
-            for epoch in range(p.epochs):
+        every = p.checkpoint_every_steps
+        with checkpoint.StopSignals() as stop, ctx.reporter.task("epoch", total=p.epochs) as ep_task, \
+                ctx.reporter.task("batch", total=len(train)) as b_task:
+            ep_task.advance(run.epoch)
+            for epoch in range(run.epoch, p.epochs):
                 model.train()
-                train.set_epoch(epoch)
+                train.set_epoch(epoch, skip=run.step)
                 b_task.reset(f"epoch {epoch + 1}", len(train))
-                loss_sum = torch.zeros((), device=ctx.device)
-                correct = torch.zeros((), device=ctx.device, dtype=torch.long)
-                seen = 0
+                b_task.advance(run.step)
                 t0 = time.perf_counter()
                 for x, y in train:
                     opt.zero_grad()
                     out = model(x)
                     loss = loss_fn(out, y)
-                    loss.backward()
-                    opt.step()
-                    if remask_p:
-                        with torch.no_grad():
-                            torch._foreach_mul_(remask_p, remask_m)
-                    opt.step_end()
-                    loss_sum += loss.detach() * y.numel()
-                    correct += (out.detach().argmax(1) == y).sum()
-                    seen += y.numel()
+                    if not bool(torch.isfinite(loss.detach())):
+                        if p.on_nonfinite == "stop":
+                            kept = run.last_saved or "none written yet"
+                            raise TrainingError(
+                                f"stage {ctx.stage_id}: the training loss is not finite ({float(loss)}) at epoch {epoch + 1}, "
+                                f"step {run.step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, "
+                                f"or set on_nonfinite: skip"
+                            )
+                        run.skipped += 1
+                    else:
+                        loss.backward()
+                        opt.step()
+                        if remask_p:
+                            with torch.no_grad():
+                                torch._foreach_mul_(remask_p, remask_m)
+                        opt.step_end()
+                        run.loss_sum += loss.detach() * y.numel()
+                        run.correct += (out.detach().argmax(1) == y).sum()
+                        run.seen += y.numel()
+                    run.step += 1
                     b_task.advance(1)
-                train_loss = float(loss_sum) / max(1, seen)
-                if not math.isfinite(train_loss):
-                    raise TrainingError(f"stage {ctx.stage_id}: training loss is not finite in epoch {epoch + 1} ({train_loss})")
+                    checkpoint.test_pause("step", epoch * len(train) + run.step)
+                    if stop.requested:
+                        run.interrupt(stop.requested)
+                    if every and run.step % every == 0 and run.step < len(train):
+                        run.save()
+                train_loss = float(run.loss_sum) / max(1, run.seen)
                 opt_figs = opt.epoch_end(epoch)
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(correct) / max(1, seen)}
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(run.correct) / max(1, run.seen)}
+                if p.on_nonfinite == "skip":
+                    row["skipped_steps"] = run.skipped
                 row.update(evaluate(model, val))
                 row.update({k: v for k, v in opt_figs.items() if not isinstance(v, dict)})
                 row["epoch_s"] = round(time.perf_counter() - t0, 3)
-                metrics.append(row)
+                run.metrics.append(row)
                 if ctx.dist.is_main:
-                    artifacts.write_jsonl(ctx.dir / artifacts.METRICS, metrics)
+                    artifacts.write_jsonl(ctx.dir / artifacts.METRICS, run.metrics)
                     per_layer = {k: v for k, v in opt_figs.items() if isinstance(v, dict)}
                     if per_layer:
                         artifacts.write_jsonl(ctx.dir / "layers.jsonl", [*artifacts.read_jsonl(ctx.dir / "layers.jsonl")[:epoch], {"epoch": epoch + 1, **per_layer}])
+                checkpoint.test_pause("epoch-end", epoch + 1)
+                run.next_epoch()
+                run.save()
                 extra = f"  flips {row['flips']}" if "flips" in row else ""
                 ep_task.advance(1, info=f"loss {train_loss:.4f}  val_acc {row['val_acc']:.4f}{extra}", log=True)
+                if stop.requested:
+                    run.interrupt(stop.requested, save=False)
         kept, total = density_of(masks)
         ctx.save_model(model, masks)
+        metrics = run.metrics
         last = metrics[-1]
         return {
             "density": kept / total if total else 1.0,
@@ -120,5 +153,98 @@ class TrainStage:
             "train_loss": last["train_loss"],
             "best_val_acc": max(m["val_acc"] for m in metrics),
             "epochs": p.epochs,
-            "train_s": round(time.perf_counter() - t_start, 3),
+            "train_s": round(run.elapsed(), 3),
         }
+
+
+class _Run:
+    """Where training stands (epoch, step, metrics, running sums) and its checkpoints."""
+
+    def __init__(self, ctx, model: nn.Module, masks: dict, opt, steps_per_epoch: int):
+        self.ctx, self.model, self.masks, self.opt = ctx, model, masks, opt
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = 0  # the epoch in progress (0-based)
+        self.step = 0  # steps of it done
+        self.metrics: list[dict] = []
+        self.saves = 0
+        self.last_saved = None
+        self.elapsed_before = 0.0
+        self.t_start = time.perf_counter()
+        self._zero()
+
+    def _zero(self) -> None:
+        dev = self.ctx.device
+        self.loss_sum = torch.zeros((), device=dev)
+        self.correct = torch.zeros((), device=dev, dtype=torch.long)
+        self.seen = 0
+        self.skipped = 0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step = 0
+        self._zero()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def payload(self) -> dict:
+        return {
+            "stage": self.ctx.stage_id,
+            "epoch": self.epoch,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "masks": {k: m.detach().to("cpu", torch.bool) for k, m in self.masks.items()},
+            "optimizer": self.opt.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "metrics": list(self.metrics),
+            "running": {"loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu(), "seen": self.seen, "skipped": self.skipped},
+            "elapsed": self.elapsed(),
+        }
+
+    def save(self) -> None:
+        if not self.ctx.dist.is_main:
+            return
+        self.saves += 1
+        self.last_saved = checkpoint.save(self.ctx.dir, self.ctx.key, self.payload(), count=self.saves)
+
+    def interrupt(self, signame: str, save: bool = True) -> None:
+        if save:
+            self.save()
+        where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
+        raise checkpoint.Interrupted(
+            f"stopped by {signame} at {where}; checkpoint written to {self.last_saved or self.ctx.dir}. "
+            f"Run the same command again to resume (exit code {checkpoint.EXIT_INTERRUPTED})."
+        )
+
+    def resume(self) -> None:
+        """Load the newest good checkpoint of this stage, if any, and carry on from it."""
+        got = checkpoint.load(self.ctx.dir, self.ctx.key, warn=lambda m: self.ctx.log(f"[yellow]warning[/]: {m}"))
+        if got is None:
+            return
+        ck, path = got
+        try:
+            if ck.get("steps_per_epoch") != self.steps_per_epoch:
+                raise ArtifactError(f"it was written with {ck.get('steps_per_epoch')} steps per epoch, this run has {self.steps_per_epoch}")
+            self.model.load_state_dict(ck["model"])
+            masks = ck["masks"]
+            if set(masks) != set(self.masks) or any(masks[k].shape != self.masks[k].shape for k in masks):
+                raise ArtifactError("its masks do not match the model")
+            self.masks = {k: masks[k].to(self.masks[k].device) for k in masks}
+            self.opt.load_state_dict(ck["optimizer"])
+            checkpoint.set_rng_state(ck["rng"])
+            self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
+            self.metrics = list(ck["metrics"])
+            r = ck["running"]
+            self.loss_sum = r["loss_sum"].to(self.ctx.device)
+            self.correct = r["correct"].to(self.ctx.device)
+            self.seen, self.skipped = int(r["seen"]), int(r["skipped"])
+            self.elapsed_before = float(ck["elapsed"])
+        except ArtifactError as e:
+            raise ArtifactError(f"{path}: cannot resume from this checkpoint: {e.message}. Run with --restart to start afresh.") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ArtifactError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {msg[:200]}). Run with --restart to start afresh.") from None
+        self.last_saved = path
+        at = f"epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}" if self.epoch < self.ctx.params.epochs else "the end of training"
+        self.ctx.log(f"[bold]resuming[/] {self.ctx.stage_id} from {path} at {at}")

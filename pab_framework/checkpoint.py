@@ -1,0 +1,268 @@
+"""Training checkpoints: written so that a crash at any instant loses at most the work since the
+last one, read so that a corrupted file or a file from a stranger is refused with a clear message.
+
+Layout of a stage directory while it trains:
+
+    checkpoint.pt       the newest checkpoint
+    checkpoint.prev.pt  the one before it, kept until the newest is safely on disk
+
+A save writes the new checkpoint to a temporary file (flushed, fsynced), then renames
+`checkpoint.pt` to `checkpoint.prev.pt`, then the temporary file to `checkpoint.pt`. A crash (or a
+full disk) before the first rename leaves both old files untouched; a crash between the renames
+leaves `checkpoint.prev.pt`, which `load()` falls back to.
+
+File format: one header line `PABCKPT1 <json>\\n` (format, stage key, sha256 and size of the
+payload), then the payload, a `torch.save` of plain containers and tensors, loaded with
+`weights_only=True` through `artifacts.torch_load_safe`. The checksum catches truncation and bit
+rot; the key catches a checkpoint copied from another stage.
+
+Exit codes of `pab run` (see cli.py): 0 done, 2 bad input (spec, artifact), 3 stopped by
+SIGTERM/SIGINT after writing a checkpoint (run the same command again to resume), 4 a write failed
+(a full disk, say) and the previous checkpoint was kept.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import artifacts
+from .errors import ArtifactError, PabError, WriteError
+
+CURRENT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+NAMES = (CURRENT, PREVIOUS)
+MAGIC = b"PABCKPT1 "
+FORMAT = 1
+
+EXIT_INTERRUPTED = 3
+EXIT_WRITE_FAILED = 4
+
+
+class Interrupted(PabError):
+    """SIGTERM/SIGINT: a checkpoint was written at a step boundary; running again resumes."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class CheckpointWriteError(WriteError):
+    """Writing a checkpoint failed (a full disk, say); the previous checkpoint is intact."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
+# --------------------------------------------------------------------------- test hook
+def test_pause(point: str, n: int) -> None:
+    """Test-only: `PAB_TEST_PAUSE=point:n` stops the process here (the n-th time `point` is reached)
+    after printing `PAB_TEST_PAUSED point:n` on stderr, so a test can SIGKILL it at this exact place.
+    Points: `step` (after global step n), `ckpt-write` (n-th save, half of the temporary file
+    written), `ckpt-rotate` (n-th save, between the two renames), `epoch-end` (metrics of epoch n written)."""
+    want = os.environ.get("PAB_TEST_PAUSE")
+    if not want or want != f"{point}:{n}":
+        return
+    sys.stderr.write(f"PAB_TEST_PAUSED {point}:{n}\n")
+    sys.stderr.flush()
+    while True:  # until the test kills us
+        time.sleep(60)
+
+
+# --------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """Every RNG a training step may draw from: torch CPU and CUDA, Python `random`, NumPy."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.random.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+# --------------------------------------------------------------------------- writing
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte to fd (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def encode(payload: dict, key: str) -> bytes:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    header = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + body
+
+
+def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> Path:
+    """Write `payload` as the newest checkpoint of the stage, keeping the previous one until it is safe.
+
+    A failed write (full disk, say) raises CheckpointWriteError and leaves the existing files as they were."""
+    d = Path(stage_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    cur, prev = d / CURRENT, d / PREVIOUS
+    for stale in d.glob(f".{CURRENT}.*.tmp"):  # left by a crash in an earlier write
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+    data = encode(payload, key)
+    fd, tmp = tempfile.mkstemp(prefix=f".{CURRENT}.", suffix=".tmp", dir=d)
+    try:
+        try:
+            half = len(data) // 2
+            _write_all(fd, data[:half])
+            test_pause("ckpt-write", count)
+            _write_all(fd, data[half:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            kept = [str(p) for p in (cur, prev) if p.exists()]
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {cur}: {why}. "
+                + (f"The previous checkpoint is intact ({', '.join(kept)}); free space and run again to resume from it."
+                   if kept else "No earlier checkpoint exists.")
+            ) from None
+        raise
+    try:
+        if cur.exists():
+            os.replace(cur, prev)
+            test_pause("ckpt-rotate", count)
+        os.replace(tmp, cur)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot install checkpoint {cur}: {e.strerror or e}") from None
+    artifacts._fsync_dir(d)
+    return cur
+
+
+# --------------------------------------------------------------------------- reading
+def decode(path: Path, key: str | None) -> dict:
+    """The payload of one checkpoint file, verified (format, stage key, size, checksum) and safely loaded."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
+    if not raw.startswith(MAGIC) or b"\n" not in raw[:4096]:
+        raise ArtifactError(f"{path}: not a pab checkpoint (no PABCKPT1 header)")
+    head, body = raw.split(b"\n", 1)
+    try:
+        header = json.loads(head[len(MAGIC):])
+        size, digest, hkey = int(header["size"]), str(header["sha256"]), str(header["key"])
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{path}: checkpoint header is corrupted") from None
+    if len(body) != size:
+        raise ArtifactError(f"{path}: checkpoint is truncated or corrupted ({len(body)} bytes of payload, header says {size})")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise ArtifactError(f"{path}: checkpoint is corrupted (checksum mismatch)")
+    if key is not None and hkey != key:
+        raise ArtifactError(f"{path}: checkpoint belongs to stage key {hkey[:12]}, not this stage's {key[:12]}")
+    obj = artifacts.torch_load_safe(path, data=body)
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: checkpoint payload is a {type(obj).__name__}, not a mapping")
+    return obj
+
+
+def exists(stage_dir: str | Path) -> bool:
+    return any((Path(stage_dir) / n).is_file() for n in NAMES)
+
+
+def load(stage_dir: str | Path, key: str | None, warn=None) -> tuple[dict, Path] | None:
+    """The newest good checkpoint of a stage and its path; None when there is none.
+
+    A bad file is reported through `warn` (naming it) and the previous one is tried; when every
+    checkpoint present is bad, ArtifactError names them all."""
+    d = Path(stage_dir)
+    errors = []
+    for name in NAMES:
+        p = d / name
+        if not p.is_file():
+            continue
+        try:
+            payload = decode(p, key)
+        except ArtifactError as e:
+            errors.append(e.message)
+            if warn is not None:
+                warn(f"{e.message}; trying the previous checkpoint")
+            continue
+        return payload, p
+    if errors:
+        raise ArtifactError("no usable checkpoint: " + "; ".join(errors) + ". Run with --restart to start this stage afresh.")
+    return None
+
+
+def discard(stage_dir: str | Path) -> list[Path]:
+    """Remove the checkpoints (and stray temporary files) of a stage; returns what was removed."""
+    d = Path(stage_dir)
+    gone = []
+    if not d.is_dir():
+        return gone
+    for p in [d / n for n in NAMES] + list(d.glob(f".{CURRENT}.*.tmp")):
+        if p.exists():
+            p.unlink()
+            gone.append(p)
+    return gone
+
+
+# --------------------------------------------------------------------------- signals
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set `requested`; the train loop checks it at every
+    step boundary, writes a checkpoint and raises Interrupted. A second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:  # a second signal: stop now, no checkpoint
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()

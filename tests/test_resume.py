@@ -1,0 +1,200 @@
+"""Crash-exact resume: real `pab run` subprocesses killed with SIGKILL at chosen points (mid-epoch,
+inside a checkpoint write, between the checkpoint renames, after an epoch's metrics), then resumed;
+the final weights must be bit-identical to an uninterrupted run and metrics.jsonl the same."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+# 12 steps per epoch (1438 training digits / 128), a checkpoint every 4 steps and every epoch
+SPEC = """\
+name: resume
+seed: 3
+model: {name: mlp, hidden: [32], init: kaiming_normal}
+data: {name: digits, batch_size: 128}
+stages:
+  prune:
+    kind: prune
+    pruner: {name: random, density: 0.5}
+  train:
+    kind: train
+    after: [prune]
+    epochs: 3
+    checkpoint_every_steps: 4
+    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6, rest: {name: sgd, lr: 0.05, momentum: 0.9}}
+runtime: {device: cpu, output_dir: runs, progress: plain}
+"""
+TIMING = {"epoch_s"}  # wall-clock figures differ between any two runs
+
+
+def _env(pause: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PAB_TEST_PAUSE"}
+    env["CI"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if pause:
+        env["PAB_TEST_PAUSE"] = pause
+    return env
+
+
+def _cmd(spec: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pab_framework", "run", str(spec), *extra]
+
+
+def run_to_end(spec: Path, *extra: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(_cmd(spec, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def run_and_kill(spec: Path, pause: str) -> str:
+    """Start `pab run`, wait until it stands at `pause`, SIGKILL it; returns what it printed."""
+    proc = subprocess.Popen(_cmd(spec), cwd=ROOT, env=_env(pause), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    seen = b""
+    try:
+        while b"PAB_TEST_PAUSED" not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"never reached {pause}: {seen.decode(errors='replace')}"
+            ready, _, _ = select.select([proc.stderr, proc.stdout], [], [], left)
+            for f in ready:
+                chunk = os.read(f.fileno(), 65536)
+                seen += chunk
+            if proc.poll() is not None and b"PAB_TEST_PAUSED" not in seen:
+                seen += proc.stderr.read() + proc.stdout.read()
+                raise AssertionError(f"exited ({proc.returncode}) before {pause}: {seen.decode(errors='replace')}")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    return seen.decode(errors="replace")
+
+
+def stage_dir(root: Path, stage: str) -> Path:
+    (d,) = (root / "runs" / "resume").glob(f"{stage}-*")
+    return d
+
+
+def metrics(d: Path) -> list[dict]:
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def assert_same_run(ref: Path, got: Path) -> None:
+    a, b = stage_dir(ref, "train"), stage_dir(got, "train")
+    assert a.name == b.name
+    ma = torch.load(a / "model.pt", weights_only=True)
+    mb = torch.load(b / "model.pt", weights_only=True)
+    assert ma["state_dict"].keys() == mb["state_dict"].keys()
+    for k in ma["state_dict"]:
+        x, y = ma["state_dict"][k], mb["state_dict"][k]
+        assert x.dtype == y.dtype and torch.equal(x, y), f"weights {k} differ after resume"
+        assert x.numpy().tobytes() == y.numpy().tobytes(), f"weights {k} not bit-identical"
+    for k in ma["masks"]:
+        assert torch.equal(ma["masks"][k], mb["masks"][k])
+    assert metrics(a) == metrics(b)
+    assert [r["epoch"] for r in metrics(b)] == [1, 2, 3]
+    assert (a / "layers.jsonl").read_text() == (b / "layers.jsonl").read_text()
+    # complete: result written, checkpoints removed
+    assert (b / "result.json").is_file()
+    assert not list(b.glob("checkpoint*")) and not list(b.glob(".checkpoint*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ref")
+    (d / "spec.yaml").write_text(SPEC)
+    run_to_end(d / "spec.yaml")
+    return d
+
+
+def _fresh(tmp_path: Path) -> Path:
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    return tmp_path / "spec.yaml"
+
+
+def test_kill_mid_epoch_and_inside_checkpoint_write(reference, tmp_path):
+    spec = _fresh(tmp_path)
+    # global step 7: epoch 1, after the step-4 checkpoint; steps 5-7 are lost and redone
+    run_and_kill(spec, "step:7")
+    d = stage_dir(tmp_path, "train")
+    assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
+    # resumed at step 4; its 2nd save is the end of epoch 1: killed with half the temporary file written
+    out = run_and_kill(spec, "ckpt-write:2")
+    assert "resuming train" in out and "epoch 1, step 4/12" in out
+    assert list(d.glob(".checkpoint.pt.*.tmp")), "the half-written temporary file should be there"
+    # the newest checkpoint gets corrupted on disk: resume must name it and fall back to the previous one
+    cur = d / "checkpoint.pt"
+    data = cur.read_bytes()
+    cur.write_bytes(data[: len(data) // 2])
+    p = run_to_end(spec)
+    text = p.stdout + p.stderr
+    assert "checkpoint.pt" in text and "truncated or corrupted" in text
+    assert "resuming train" in text
+    assert_same_run(reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_at_every_kind_of_point(reference, tmp_path):
+    spec = _fresh(tmp_path)
+    run_and_kill(spec, "step:2")  # before any checkpoint: the stage starts over
+    run_and_kill(spec, "step:5")  # just after the first step checkpoint
+    run_and_kill(spec, "ckpt-rotate:2")  # between the renames: only checkpoint.prev.pt stands
+    d = stage_dir(tmp_path, "train")
+    assert (d / "checkpoint.prev.pt").is_file() and not (d / "checkpoint.pt").exists()
+    run_and_kill(spec, "epoch-end:2")  # metrics of epoch 2 written, its checkpoint not yet
+    run_and_kill(spec, "step:33")
+    run_to_end(spec)
+    assert_same_run(reference, tmp_path)
+
+
+def test_sigterm_checkpoints_and_exits_3_then_resumes_exactly(reference, tmp_path):
+    spec = _fresh(tmp_path)
+    # pause inside epoch 2 at a step that is not a checkpoint step, then ask politely to stop
+    proc = subprocess.Popen(_cmd(spec), cwd=ROOT, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # wait for the train stage to start, then SIGTERM: it checkpoints at the next step boundary
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/3"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    proc.stdout.close()
+    rc = proc.wait(60)
+    text = "".join(lines) + rest
+    assert rc == 3, text
+    assert "stopped by SIGTERM" in text and "Run the same command again to resume" in text
+    assert "Traceback" not in text
+    d = stage_dir(tmp_path, "train")
+    assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
+    p = run_to_end(spec)
+    assert "resuming train" in p.stdout + p.stderr
+    assert_same_run(reference, tmp_path)
+
+
+def test_restart_throws_the_checkpoint_away(tmp_path):
+    spec = _fresh(tmp_path)
+    run_and_kill(spec, "step:17")
+    d = stage_dir(tmp_path, "train")
+    (tmp_path / "runs" / "keep.txt").write_text("mine")
+    p = run_to_end(spec, "--restart")
+    text = p.stdout + p.stderr
+    assert "threw away the checkpoint of train" in text
+    assert "resuming train from" not in text  # the stage itself started from epoch 1
+    assert [r["epoch"] for r in metrics(d)] == [1, 2, 3]
+    assert (tmp_path / "runs" / "keep.txt").read_text() == "mine"  # the output dir is never wiped
