@@ -162,11 +162,25 @@ def test_kill_at_every_kind_of_point(reference, tmp_path):
     assert_same_run(reference, tmp_path)
 
 
-def test_sigterm_checkpoints_and_exits_3_then_resumes_exactly(reference, tmp_path):
+def run_in_process(spec: Path, **kw) -> str:
+    """`pab run` in this process (fast); returns what it logged."""
+    import io
+
+    from rich.console import Console
+
+    from pab_framework.pipeline import run_spec
+    from pab_framework.progress import Reporter
+    from pab_framework.spec import load_spec
+
+    buf = io.StringIO()
+    run_spec(load_spec(spec), reporter=Reporter(Console(file=buf, width=200), mode="plain"), **kw)
+    return buf.getvalue()
+
+
+def test_sigterm_checkpoints_and_exits_3_then_resumes(tmp_path):
     spec = _fresh(tmp_path)
-    # pause inside epoch 2 at a step that is not a checkpoint step, then ask politely to stop
     proc = subprocess.Popen(_cmd(spec), cwd=ROOT, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # wait for the train stage to start, then SIGTERM: it checkpoints at the next step boundary
+    # once epoch 1 is done, SIGTERM (what SLURM sends): a checkpoint at the next step boundary, exit 3
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -182,19 +196,32 @@ def test_sigterm_checkpoints_and_exits_3_then_resumes_exactly(reference, tmp_pat
     assert "Traceback" not in text
     d = stage_dir(tmp_path, "train")
     assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
-    p = run_to_end(spec)
-    assert "resuming train" in p.stdout + p.stderr
-    assert_same_run(reference, tmp_path)
+    assert [r["epoch"] for r in metrics(d)] in ([1], [1, 2])
+    log = run_in_process(spec)
+    assert "resuming train from" in log
+    assert [r["epoch"] for r in metrics(d)] == [1, 2, 3]
+    assert (d / "result.json").is_file() and not (d / "checkpoint.pt").exists()
 
 
-def test_restart_throws_the_checkpoint_away(tmp_path):
+def test_restart_throws_the_checkpoint_away(tmp_path, monkeypatch):
+    from pab_framework import checkpoint
+    from pab_framework.errors import PabError
+
     spec = _fresh(tmp_path)
-    run_and_kill(spec, "step:17")
+
+    def crash(point, n):
+        if (point, n) == ("step", 17):
+            raise PabError("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "test_pause", crash)
+    with pytest.raises(PabError, match="simulated crash"):
+        run_in_process(spec)
+    monkeypatch.undo()
     d = stage_dir(tmp_path, "train")
+    assert checkpoint.exists(d) and [r["epoch"] for r in metrics(d)] == [1]
     (tmp_path / "runs" / "keep.txt").write_text("mine")
-    p = run_to_end(spec, "--restart")
-    text = p.stdout + p.stderr
-    assert "threw away the checkpoint of train" in text
-    assert "resuming train from" not in text  # the stage itself started from epoch 1
+    log = run_in_process(spec, restart=True)
+    assert "threw away the checkpoint of train" in log
+    assert "resuming train from" not in log  # the stage itself started from epoch 1
     assert [r["epoch"] for r in metrics(d)] == [1, 2, 3]
     assert (tmp_path / "runs" / "keep.txt").read_text() == "mine"  # the output dir is never wiped

@@ -82,6 +82,8 @@ class TrainStage:
         remask_m = [masks[n].to(ctx.device, params_by_name[n].dtype) for n in remask]
         loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
         every = p.checkpoint_every_steps
+        skip_bad = p.on_nonfinite == "skip"
+        buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long]
         with checkpoint.StopSignals() as stop, ctx.reporter.task("epoch", total=p.epochs) as ep_task, \
                 ctx.reporter.task("batch", total=len(train)) as b_task:
             ep_task.advance(run.epoch)
@@ -93,6 +95,8 @@ class TrainStage:
                 t0 = time.perf_counter()
                 for x, y in train:
                     opt.zero_grad()
+                    if skip_bad:  # a skipped step must not leave its forward pass in BatchNorm's running stats
+                        saved = [b.detach().clone() for b in buffers]
                     out = model(x)
                     loss = loss_fn(out, y)
                     if not bool(torch.isfinite(loss.detach())):
@@ -104,6 +108,9 @@ class TrainStage:
                                 f"or set on_nonfinite: skip"
                             )
                         run.skipped += 1
+                        if buffers:
+                            with torch.no_grad():
+                                torch._foreach_copy_(buffers, saved)
                     else:
                         loss.backward()
                         opt.step()
