@@ -79,7 +79,6 @@ class Registry:
                 namespace=group,
                 invoke_on_load=False,
                 on_load_failure_callback=on_fail,
-                verify_requirements=False,
             )
             entries: dict[str, Entry] = {}
             for ext in mgr.extensions:

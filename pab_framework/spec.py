@@ -238,6 +238,11 @@ def problems_from_validation(err: ValidationError, prefix: tuple, model: type[Ba
                 msg += f" Allowed here: {', '.join(known)}"
         elif typ == "missing":
             msg = "required key is missing"
+            parent = e.get("input")
+            if isinstance(parent, dict) and loc:
+                close = difflib.get_close_matches(str(loc[-1]), [str(k) for k in parent], n=1, cutoff=0.6)
+                if close:
+                    msg += f"; is {close[0]!r} a misspelling of {loc[-1]!r}?"
         else:
             msg = e["msg"]
             if "input" in e and typ not in ("model_type", "dict_type"):
