@@ -6,11 +6,13 @@ from typing import Any
 
 import yaml
 
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, format_path
 
 # A YAML file is a few kilobytes; anything this large is a mistake or an attack (alias bombs).
 MAX_SPEC_BYTES = 1 << 20
 MAX_NODES = 100_000
+MAX_NUMBER_CHARS = 400  # longer numbers are mistakes (and Python refuses > 4300 digits)
+MAX_DEPTH = 64  # a spec nests a handful of levels; deeper is a mistake or an attack on the parser's recursion
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -87,8 +89,46 @@ def read_text(path: Path, what: str = "spec") -> str:
         raise _problem(source, f"not a YAML {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _check_depth(text: str, source: str, what: str) -> None:
+    """Refuse deep nesting before the (recursive) composer sees it; event parsing is iterative."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=_LineLoader):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _problem(source, f"not a usable {what}: nested more than {MAX_DEPTH} levels deep", ev.start_mark.line + 1)
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _check_nodes(node, path: tuple, source: str, seen_nodes: set) -> None:
+    """A key given twice in one mapping is refused (YAML would silently keep the last one), and so
+    is a number too long to be a setting."""
+    stack = [(node, path)]
+    while stack:
+        n, p = stack.pop()
+        if id(n) in seen_nodes:  # an alias: already checked
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.ScalarNode) and n.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and len(n.value) > MAX_NUMBER_CHARS:
+            raise SpecError([Problem(p, f"a number written with {len(n.value)} characters is too large for any setting", n.start_mark.line + 1, source)])
+        if isinstance(n, yaml.MappingNode):
+            first: dict = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    ident = (k.tag, k.value)
+                    if ident in first:
+                        raise SpecError([Problem(p + (k.value,), f"duplicate key {k.value!r} in {format_path(p) or 'the top level'} "
+                                                 f"(first given at line {first[ident]}); give each key once", k.start_mark.line + 1, source)])
+                    first[ident] = k.start_mark.line + 1
+                stack.append((v, p + (k.value,) if isinstance(k, yaml.ScalarNode) else p))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, p + (i,)) for i, v in enumerate(n.value))
+
+
 def load_yaml_text(text: str, source: str, what: str = "spec") -> LoadedYaml:
     try:
+        _check_depth(text, source, what)
         node = yaml.compose(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -105,6 +145,7 @@ def load_yaml_text(text: str, source: str, what: str = "spec") -> LoadedYaml:
         _count_nodes(node, [0])
     except yaml.YAMLError as e:
         raise _problem(source, f"not a usable {what}: {e}") from None
+    _check_nodes(node, (), source, set())
     try:
         data = _LineLoader(text).get_single_data()
     except yaml.constructor.ConstructorError as e:
@@ -116,6 +157,8 @@ def load_yaml_text(text: str, source: str, what: str = "spec") -> LoadedYaml:
         raise _problem(source, msg, line) from None
     except (yaml.YAMLError, RecursionError) as e:
         raise _problem(source, f"not valid YAML: {e}") from None
+    except ValueError as e:  # a number too long to convert (Python's int digit limit), say
+        raise _problem(source, f"not a usable {what}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "nothing"
         raise _problem(source, f"the {what} must be a mapping of keys to values, found {kind}", node.start_mark.line + 1)
