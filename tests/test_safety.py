@@ -146,17 +146,15 @@ def test_checkpoint_rotation_checksum_and_key(tmp_path):
     assert "checkpoint.pt" in e.value.message and "checkpoint.prev.pt" in e.value.message and "--restart" in e.value.message
 
 
-def test_rng_state_round_trip():
+def test_rng_state_round_trip(tmp_path):
     import random
 
     import numpy as np
 
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
-    st = checkpoint.rng_state()
-    checkpoint.save(Path(os.environ.get("TMPDIR", "/tmp")) / f"pab-rng-{os.getpid()}", "x", {"rng": st})
+    checkpoint.save(tmp_path, "x", {"rng": checkpoint.rng_state()})
     a = (torch.rand(3), random.random(), np.random.rand(3))
-    got, _ = checkpoint.load(Path(os.environ.get("TMPDIR", "/tmp")) / f"pab-rng-{os.getpid()}", "x")
-    checkpoint.discard(Path(os.environ.get("TMPDIR", "/tmp")) / f"pab-rng-{os.getpid()}")
+    got, _ = checkpoint.load(tmp_path, "x")
     checkpoint.set_rng_state(got["rng"])
     b = (torch.rand(3), random.random(), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and (a[2] == b[2]).all()
