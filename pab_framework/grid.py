@@ -229,7 +229,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         problems.append(Problem(("base",), "required: the path of the base spec (relative to this file)", loaded.line_of(("base",)), source))
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
-        problems.append(Problem(("name",), f"grid name {name!r} must be letters, digits, '_', '.', '-'", loaded.line_of(("name",)), source))
+        why = "must start with a letter or digit and hold only letters, digits, '_', '.', '-'"
+        if "name" in data:
+            problems.append(Problem(("name",), f"grid name {name!r} {why}", loaded.line_of(("name",)), source))
+        else:
+            problems.append(Problem((), f"the grid's name comes from its file name, {name!r}, which {why.replace('must', 'does not')}; set name: in the file", None, source))
     axes, p1 = _check_section(loaded, "grid", source, lists=True)
     zipped, p2 = _check_section(loaded, "zip", source, lists=True)
     fixed, p3 = _check_section(loaded, "set", source, lists=False)
