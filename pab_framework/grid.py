@@ -472,7 +472,6 @@ def run_grid(
     """Run every run of the grid that is not complete; write the results after each one."""
     plans = plan_grid(grid)
     records: dict[int, dict] = {}
-    by_index = {r.index: r for r in grid.runs}
     grid.dir.mkdir(parents=True, exist_ok=True)
 
     def record(run: Run, rec: dict) -> None:
