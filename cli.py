@@ -123,6 +123,149 @@ def plugins(debug: bool = DebugOpt):
     out.print(table)
 
 
+@app.command()
+def grid(
+    grid_file: Path = typer.Argument(..., metavar="GRID", help="The grid file (YAML): base spec, grid:, zip:, set:, slurm:."),
+    executor: str = typer.Option("local", "--executor", "-e", help="local (this machine) or slurm (through submitit)."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="local: runs at once, each in its own process."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and the stages they share; run nothing."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage of every run."),
+    set_: Optional[List[str]] = SetOpt,
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition (default: the grid's slurm: section)."),
+    time_: Optional[str] = typer.Option(None, "--time", help="slurm: time limit per run, minutes or [D-]HH:MM:SS."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="slurm: GPUs per run."),
+    cpus: Optional[int] = typer.Option(None, "--cpus", help="slurm: CPUs per run."),
+    cluster: str = typer.Option("slurm", "--cluster", help="slurm executor backend: slurm, or submitit's local/debug executors (to try the path here)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="slurm: submit and return; run the grid again later to collect the table."),
+    debug: bool = DebugOpt,
+):
+    """Run every combination of GRID; stages shared between runs are computed once."""
+    from pab_framework import grid as G
+    from pab_framework.errors import PabError
+    from pab_framework.progress import Reporter
+
+    try:
+        g = G.load_grid(grid_file, set_ or [])
+        for k, v in (("partition", partition), ("time", time_), ("gpus_per_node", gpus), ("cpus_per_task", cpus)):
+            if v is not None:
+                setattr(g.slurm, k, int(v) if k == "time" and str(v).isdigit() else v)
+        if dry_run:
+            _print_plan(g, G.plan_grid(g))
+            if executor == "slurm":
+                out.print(f"\n[bold]sbatch script[/] (not submitted; job folder {_rel(G.slurm_folder(g))}):")
+                out.print(G.sbatch_script(g), markup=False)
+            return
+        reporter = Reporter(out, mode="plain" if not sys.stdout.isatty() else "auto")
+        n = len(g.runs)
+        out.print(f"grid {g.name}: {n} runs of {_rel(g.base)}, executor {executor}" + (f", {workers} workers" if executor == "local" else ""))
+
+        def on_record(run, rec):
+            what = f"val_acc {rec['val_acc']:.4f}" if rec.get("val_acc") is not None else ""
+            if rec["status"] != "ok":
+                what = (rec.get("error") or "").splitlines()[0][:200]
+            ran = sum(1 for s in rec.get("stages", []) if not s["reused"])
+            style = "green" if rec["status"] == "ok" else "red"
+            reporter.log(f"run {run.index}/{n} [{style}]{rec['status']}[/] ({run.label()}) {what}  stages ran {ran}, reused {len(rec.get('stages', [])) - ran}")
+
+        res = G.run_grid(g, executor=executor, workers=workers, force=force, on_record=on_record, cluster=cluster, wait=not no_wait)
+    except PabError as e:
+        _fail(e, debug)
+        return
+    if res.submitted and no_wait:
+        out.print(f"submitted {len(res.submitted)} jobs ({', '.join(res.submitted[:4])}{'...' if len(res.submitted) > 4 else ''}); logs in {_rel(G.slurm_folder(g))}")
+        return
+    _print_results(res.results, g.dir)
+    if res.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(directory: Path = typer.Argument(..., metavar="DIR", help="A grid directory (<output_dir>/<grid name>/) or its results.json."), debug: bool = DebugOpt):
+    """Print a grid's results table again, from its results.json."""
+    from pab_framework.errors import PabError
+    from pab_framework.grid import load_results
+
+    try:
+        res = load_results(directory)
+    except PabError as e:
+        _fail(e, debug)
+        return
+    _print_results(res, directory if directory.is_dir() else directory.parent)
+
+
+def _cell(v) -> str:
+    """A varied value as written in a grid (0.001, 1e-06, synflow, [80,120])."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def _print_plan(g, plans) -> None:
+    from pab_framework.grid import plan_summary, short_names
+
+    keys = g.varied_keys
+    stage_ids = [sp.stage_id for sp in next(iter(plans.values()))]
+    table = Table(title=f"grid {g.name}: {len(g.runs)} runs of {_rel(g.base)} (dry run)")
+    table.add_column("run", justify="right")
+    for s in short_names(keys):
+        table.add_column(s)
+    for sid in stage_ids:
+        table.add_column(sid, overflow="fold")
+    for run in g.runs:
+        cells = []
+        for sp in plans[run.index]:
+            note = "done" if sp.complete else "to run"
+            if len(sp.shared_by) > 1:
+                note += f", shared x{len(sp.shared_by)}"
+            cells.append(f"{sp.dir.name} ({note})")
+        table.add_row(str(run.index), *[_cell(run.varied[k]) for k in keys], *cells)
+    out.print(table)
+    for s in plan_summary(plans):
+        out.print(f"  {s['stage']}: {s['distinct']} distinct directories for {s['runs']} runs ({s['complete']} complete, {s['distinct'] - s['complete']} to compute)")
+    out.print(f"  stages go under {_rel(g.runs[0].spec.output_root)}; results to {_rel(g.dir)}")
+
+
+def _print_results(res: dict, where: Path) -> None:
+    from pab_framework.grid import short_names
+
+    keys = res["varied"]
+    heads = short_names(keys)
+    table = Table(title=f"grid {res['grid']}: results")
+    table.add_column("run", justify="right")
+    for h in heads:
+        table.add_column(h)
+    for col in ("status", "val_acc", "density", "time (s)", "stages ran/reused"):
+        table.add_column(col, justify="right" if col != "status" else "left")
+    for r in res["rows"]:
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        table.add_row(str(r["run"]), *[_cell(r.get(k)) for k in keys], status, _fmt(r["val_acc"]) if r.get("val_acc") is not None else "-",
+                      _fmt(r["density"]) if r.get("density") is not None else "-",
+                      "-" if r.get("time_s") is None else f"{r['time_s']:.2f}", f"{r['stages_ran']}/{r['stages_reused']}")
+    out.print(table)
+    if res.get("over_seeds"):
+        others = [k for k in keys if k != "seed"]
+        t2 = Table(title="mean ± std over seeds")
+        for h in short_names(others):
+            t2.add_column(h)
+        for col in ("seeds ok", "val_acc", "density"):
+            t2.add_column(col, justify="right")
+        for r in res["over_seeds"]:
+            def ms(m):
+                return "-" if r[f"{m}_mean"] is None else f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}"
+            t2.add_row(*[_cell(r.get(k)) for k in others], f"{r['ok']}/{r['seeds']}", ms("val_acc"), ms("density"))
+        out.print(t2)
+    for r in res["rows"]:
+        if r["status"] != "ok":
+            err.print(f"run {r['run']} failed: {r.get('error')}", markup=False)
+    s = res["summary"]
+    out.print(f"{s['runs']} of {res.get('runs_total', s['runs'])} runs: {s['ok']} ok, {s['failed']} failed; stages: {s['stages_ran']} ran, {s['stages_reused']} reused")
+    out.print(f"results: {_rel(Path(where) / 'results.csv')}, {_rel(Path(where) / 'results.json')}")
+
+
 def main() -> None:
     app()
 

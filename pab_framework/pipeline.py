@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,33 @@ def plan(spec: ExperimentSpec) -> list[tuple[str, str, Path, bool]]:
     return [(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
 
 
+@contextmanager
+def stage_lock(sdir: Path, reporter: Reporter | None = None):
+    """Hold `<stage dir>.lock` exclusively while a stage is computed, so two processes sharing an
+    output directory (two grids, a grid and a `pab run`) never compute the same stage at once.
+
+    An advisory `flock`: released by the kernel when the holder dies, so a crash leaves no stale
+    lock. Where `fcntl` is missing (Windows) this does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    sdir.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sdir.parent / f"{sdir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if reporter is not None:
+                reporter.log(f"waiting: another process is computing {sdir}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False, reporter: Reporter | None = None,
              dist: DistInfo | None = None) -> list[StageOutcome]:
     """Run the stages that are not complete (all of them with `force`). A stage that left a
@@ -62,33 +90,48 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
         st = spec.stages[sid]
         upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.after}
         if complete and not force:
-            result = artifacts.read_json(sdir / artifacts.RESULT)
-            reporter.log(f"[green]reused[/] {sid} ({st.kind}) from {sdir}")
-            outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, True, 0.0)
+            outcomes[sid] = _reuse(sid, st.kind, sdir, reporter)
             continue
-        if restart and dist.is_main and checkpoint.exists(sdir):
-            checkpoint.discard(sdir)
-            reporter.log(f"[yellow]restart[/]: threw away the checkpoint of {sid}")
-        if checkpoint.exists(sdir):
-            reporter.log(f"[bold]resuming[/] {sid} ({st.kind}) from its checkpoint in {sdir} (--restart starts it afresh)")
-        else:
-            reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}")
-        if dist.is_main:
-            sdir.mkdir(parents=True, exist_ok=True)
-            # a forced re-run: the stage is incomplete from here until its new result is written
-            if (sdir / artifacts.RESULT).exists():
-                os.unlink(sdir / artifacts.RESULT)
-            artifacts.atomic_write_text(
-                sdir / artifacts.SPEC,
-                dump_yaml({"stage": sid, "key": key, "spec": spec.resolved_dict()}),
-            )
-        ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
-        t0 = time.perf_counter()
-        result = dict(st.plugin.run(ctx))
-        wall = time.perf_counter() - t0
-        result.setdefault("wall_s", round(wall, 3))
-        if dist.is_main:
-            artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
-            checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
+        # one process at a time per stage directory; under DDP every rank takes part in the
+        # stage, so the lock (a per-process wait) is left to single-process runs
+        with stage_lock(sdir, reporter) if not dist.enabled else _nolock():
+            if not force and artifacts.is_complete(sdir):  # another process finished it meanwhile
+                outcomes[sid] = _reuse(sid, st.kind, sdir, reporter)
+                continue
+            if restart and dist.is_main and checkpoint.exists(sdir):
+                checkpoint.discard(sdir)
+                reporter.log(f"[yellow]restart[/]: threw away the checkpoint of {sid}")
+            if checkpoint.exists(sdir):
+                reporter.log(f"[bold]resuming[/] {sid} ({st.kind}) from its checkpoint in {sdir} (--restart starts it afresh)")
+            else:
+                reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}")
+            if dist.is_main:
+                sdir.mkdir(parents=True, exist_ok=True)
+                # a forced re-run: the stage is incomplete from here until its new result is written
+                if (sdir / artifacts.RESULT).exists():
+                    os.unlink(sdir / artifacts.RESULT)
+                artifacts.atomic_write_text(
+                    sdir / artifacts.SPEC,
+                    dump_yaml({"stage": sid, "key": key, "spec": spec.resolved_dict()}),
+                )
+            ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
+            t0 = time.perf_counter()
+            result = dict(st.plugin.run(ctx))
+            wall = time.perf_counter() - t0
+            result.setdefault("wall_s", round(wall, 3))
+            if dist.is_main:
+                artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
+                checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
         outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall)
     return list(outcomes.values())
+
+
+@contextmanager
+def _nolock():
+    yield
+
+
+def _reuse(sid: str, kind: str, sdir: Path, reporter: Reporter) -> StageOutcome:
+    result = artifacts.read_json(sdir / artifacts.RESULT)
+    reporter.log(f"[green]reused[/] {sid} ({kind}) from {sdir}")
+    return StageOutcome(sid, kind, sdir, result, True, 0.0)

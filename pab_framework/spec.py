@@ -259,6 +259,13 @@ def apply_override(data: dict, assignment: str) -> tuple:
     if "=" not in assignment:
         raise SpecError([Problem((), f"override {assignment!r} must look like key.path=value", None, "--set")])
     key, raw = assignment.split("=", 1)
+    return set_path(data, key, parse_scalar(raw), assignment)
+
+
+def set_path(data: dict, key: str, value: Any, label: str | None = None) -> tuple:
+    """Set the dotted key path `key` (list indices as numbers) to `value` in place, creating
+    missing mappings; returns the key path set. `label` names the override in errors."""
+    assignment = label if label is not None else key
     parts = [p for p in key.strip().split(".")]
     if not key.strip() or any(p == "" for p in parts):
         raise SpecError([Problem((), f"override {assignment!r} has an empty key", None, "--set")])
@@ -276,7 +283,7 @@ def apply_override(data: dict, assignment: str) -> tuple:
             raise SpecError([Problem(tuple(path), f"override {assignment!r}: {'.'.join(map(str, path))} is not a mapping", None, "--set")])
         path.append(idx)
         if last:
-            cur[idx] = parse_scalar(raw)
+            cur[idx] = copy.deepcopy(value)
         else:
             if isinstance(cur, dict) and (idx not in cur or cur[idx] is None):
                 cur[idx] = {}
