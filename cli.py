@@ -106,6 +106,24 @@ def schema(debug: bool = DebugOpt):
 
 
 @app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>/), one stage directory, or a grid directory."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where report.html and the PNGs go (default: RUN_DIR)."),
+    debug: bool = DebugOpt,
+):
+    """Write RUN_DIR/report.html (figures embedded) and its PNGs: curves, flips, per-layer sparsity, FLOPs."""
+    from pab_framework.errors import PabError
+    from pab_framework.report import build_report
+
+    try:
+        r = build_report(run_dir, out_dir)
+    except PabError as e:
+        _fail(e, debug)
+        return
+    out.print(f"wrote {_rel(r.html)} ({len(r.sections)} sections, {len(r.pngs)} figures)")
+
+
+@app.command()
 def plugins(debug: bool = DebugOpt):
     """List the installed plugins of every kind, and any that are broken."""
     from pab_framework.registry import GROUPS, registry

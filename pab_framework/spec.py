@@ -114,6 +114,20 @@ class RuntimeSpec(StrictModel):
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="Progress display: rich bars on a terminal, plain log lines otherwise."
     )
+    loggers: list[Literal["jsonl", "tensorboard", "csv"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Where the train stage's per-epoch scalars go besides the stage directory's metrics.jsonl, which is "
+        "always written (reports and caching read it): `tensorboard` (event files under tb/; needs the tensorboard extra), "
+        "`csv` (metrics.csv).",
+    )
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers_available(cls, v: list) -> list:
+        from .loggers import check_available
+
+        check_available(v)
+        return list(dict.fromkeys(v))
 
 
 class StageSpec(BaseModel):

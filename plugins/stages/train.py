@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from pab_framework import artifacts, checkpoint
+from pab_framework import artifacts, checkpoint, loggers
 from pab_framework.errors import ArtifactError, TrainingError
 from pab_framework.modelutil import density_of, prunable_parameters
 from pab_framework.optim import OptimizerContext
@@ -139,6 +139,7 @@ class TrainStage:
                 run.metrics.append(row)
                 if ctx.dist.is_main:
                     artifacts.write_jsonl(ctx.dir / artifacts.METRICS, run.metrics)
+                    loggers.log_epoch(ctx, row)  # runtime.loggers: tensorboard, csv
                     per_layer = {k: v for k, v in opt_figs.items() if isinstance(v, dict)}
                     if per_layer:
                         artifacts.write_jsonl(ctx.dir / "layers.jsonl", [*artifacts.read_jsonl(ctx.dir / "layers.jsonl")[:epoch], {"epoch": epoch + 1, **per_layer}])

@@ -1,0 +1,561 @@
+"""`pab report RUN_DIR`: one self-contained HTML page (PNG figures embedded) and the PNGs beside it.
+
+RUN_DIR is a stage directory (`runs/<name>/<stage>-<key12>/`), an experiment directory holding
+stage directories, or a grid directory holding `results.json` (or `results.csv`). For each stage:
+
+- training curves (val_acc, train/val loss per epoch) from metrics.jsonl;
+- Bop sign flips per epoch, in total (metrics.jsonl `flips`) and per layer (layers.jsonl
+  `flips_per_layer`), and PSG's kept-gradient fraction per layer (layers.jsonl `psg_kept`) when
+  the run logged them;
+- the kept fraction of every prunable layer (result.json `layers`, else the masks in model.pt);
+- parameters and FLOPs, dense and after pruning, and the memory of the weights stored as
+  signs + mask versus float32.
+
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward pass of a single
+input through the model rebuilt from the stage's spec.yaml. Sparse FLOPs scale each Conv2d/Linear
+layer's dense FLOPs by its kept fraction (what a sparse kernel would execute); every other
+operation is counted as dense.
+
+For a grid: val_acc against density for each pruner, mean ± sample standard deviation over seeds.
+Nothing here needs a network or a browser; matplotlib draws with its Agg canvas.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import artifacts
+from .errors import ArtifactError, PabError
+
+LAYERS = "layers.jsonl"
+GRID_FILES = ("results.json", "results.csv")
+FAILED = {"failed", "error", "errored", "pending", "running", "skipped", "cancelled", "incomplete"}
+
+
+# --------------------------------------------------------------------------- page pieces
+@dataclass
+class Figure:
+    name: str  # file stem of the PNG
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    header: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+@dataclass
+class Section:
+    title: str
+    subtitle: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    html: Path
+    pngs: list[Path]
+    sections: list[Section]
+
+
+# --------------------------------------------------------------------------- drawing
+def _figure(nrows: int = 1, ncols: int = 1, width: float = 6.4, height: float = 3.6):
+    from matplotlib.figure import Figure as MplFigure  # the Agg canvas: no display, no pyplot state
+
+    fig = MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [a for row in axes for a in row]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _epoch_axis(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _short_layer(name: str) -> str:
+    return name[:-7] if name.endswith(".weight") else name
+
+
+def _legend(ax, n: int) -> None:
+    if n <= 16:
+        ax.legend(fontsize="x-small", ncols=1 if n <= 8 else 2)
+
+
+# --------------------------------------------------------------------------- formatting
+def fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "-" if v is None else str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e7 or abs(v) < 1e-4):
+            return f"{v:.4e}"
+        return f"{v:.6g}"
+    return str(v)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "x"
+
+
+# --------------------------------------------------------------------------- reading runs
+def is_stage_dir(d: Path) -> bool:
+    return (d / artifacts.SPEC).is_file() and ((d / artifacts.RESULT).is_file() or (d / artifacts.METRICS).is_file() or (d / artifacts.MODEL).is_file())
+
+
+def find_stage_dirs(root: Path) -> list[Path]:
+    """The stage directories at root, below it (an experiment) or two below (an output dir)."""
+    if is_stage_dir(root):
+        return [root]
+    found = sorted(d for d in root.iterdir() if d.is_dir() and is_stage_dir(d))
+    if not found:
+        found = sorted(d for sub in root.iterdir() if sub.is_dir() for d in sub.iterdir() if d.is_dir() and is_stage_dir(d))
+    return found
+
+
+def read_stage_spec(d: Path) -> dict:
+    path = d / artifacts.SPEC
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ArtifactError(f"{path}: cannot read the stage's spec ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict) or "stage" not in doc:
+        raise ArtifactError(f"{path}: not a pab stage spec (expected keys 'stage', 'key' and 'spec')")
+    return doc
+
+
+# --------------------------------------------------------------------------- model cost
+def _flops_by_module(model, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    x = torch.zeros((1, *input_shape))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    counts = counter.get_flop_counts()
+    return int(counter.get_total_flops()), {k: int(sum(v.values())) for k, v in counts.items()}
+
+
+def model_cost(model, masks: dict, input_shape: tuple[int, ...]) -> dict:
+    """Parameters, FLOPs (one input) and weight memory of `model`, dense and with `masks` applied."""
+    from .modelutil import prunable_parameters
+
+    prunable = prunable_parameters(model)
+    total_flops, by_module = _flops_by_module(model, input_shape)
+    root = type(model).__name__
+    layers = []
+    for pname, w in prunable.items():
+        mname = pname[: -len(".weight")] if pname.endswith(".weight") else ""
+        # FlopCounterMode names modules "<RootClass>.<path>" (older torch: "<path>")
+        dense = by_module.get(f"{root}.{mname}" if mname else root, by_module.get(mname, 0))
+        m = masks.get(pname)
+        kept = int(m.sum()) if m is not None else w.numel()
+        frac = kept / w.numel() if w.numel() else 1.0
+        layers.append({"name": pname, "kept": kept, "total": w.numel(), "fraction": frac, "flops": dense, "sparse_flops": dense * frac})
+    n_params = sum(p.numel() for p in model.parameters())
+    n_prunable = sum(l["total"] for l in layers)
+    n_kept = sum(l["kept"] for l in layers)
+    layer_flops = sum(l["flops"] for l in layers)
+    sparse_flops = total_flops - layer_flops + sum(l["sparse_flops"] for l in layers)
+    other = n_params - n_prunable  # BatchNorm, biases...: float32 in every format
+    return {
+        "params": n_params,
+        "prunable": n_prunable,
+        "kept": n_kept,
+        "params_after": n_params - (n_prunable - n_kept),
+        "flops": total_flops,
+        "sparse_flops": sparse_flops,
+        "layers": layers,
+        "bytes_float32": 4 * n_params,
+        "bytes_float32_sparse": 4 * (other + n_kept),
+        "bytes_sign_mask_2bit": (2 * n_prunable) / 8 + 4 * other,
+        "bytes_bitmap_signs": (n_prunable + n_kept) / 8 + 4 * other,
+    }
+
+
+def stage_model_cost(d: Path, doc: dict) -> tuple[dict | None, str]:
+    """model_cost() of the stage's model.pt, rebuilt from its spec.yaml; (None, why) when it cannot be."""
+    if not (d / artifacts.MODEL).is_file():
+        return None, "no model.pt in this stage"
+    from .spec import spec_from_dict
+
+    try:
+        spec = spec_from_dict(json.loads(json.dumps(doc["spec"])), source=str(d / artifacts.SPEC))
+        info = spec.data.plugin.info(spec.data.params, base_dir=None)
+        model = spec.model.plugin.build(spec.model.params, info.num_classes, tuple(info.input_shape))
+    except PabError as e:
+        return None, f"the model could not be rebuilt from spec.yaml: {e}"
+    state, masks = artifacts.load_model_artifact(d / artifacts.MODEL)
+    note = ""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # a quantizer may have wrapped the layers; counts need only shapes and masks
+        note = f"model.pt's weights do not load into the rebuilt model ({str(e).splitlines()[0][:120]}); counted from shapes and masks"
+    return model_cost(model, masks, tuple(info.input_shape)), note
+
+
+# --------------------------------------------------------------------------- a stage
+def _col(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            xs.append(r.get("epoch", len(xs) + 1))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _per_layer_series(layer_rows: list[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in layer_rows:
+        d = r.get(key)
+        if not isinstance(d, dict):
+            continue
+        for name, v in d.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                xs, ys = out.setdefault(name, ([], []))
+                xs.append(r.get("epoch", len(xs) + 1))
+                ys.append(float(v))
+    return out
+
+
+def training_figures(tag: str, metrics: list[dict], layer_rows: list[dict]) -> list[Figure]:
+    figs: list[Figure] = []
+    if metrics:
+        fig, (a1, a2) = _figure(1, 2, width=9.6)
+        xs, ys = _col(metrics, "val_acc")
+        if ys:
+            a1.plot(xs, ys, marker="o", label="val_acc")
+        xs, ys = _col(metrics, "train_acc")
+        if ys:
+            a1.plot(xs, ys, marker=".", linestyle="--", label="train_acc")
+        a1.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        a1.legend(fontsize="small")
+        a1.grid(alpha=0.3)
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            xs, ys = _col(metrics, key)
+            if ys:
+                a2.plot(xs, ys, marker="o" if style == "-" else ".", linestyle=style, label=key)
+        a2.set(xlabel="epoch", ylabel="loss", title="loss")
+        a2.legend(fontsize="small")
+        a2.grid(alpha=0.3)
+        _epoch_axis(a1, a2)
+        figs.append(Figure(f"{tag}_curves", "Accuracy and loss per epoch", _png(fig), "From metrics.jsonl."))
+    xs, ys = _col(metrics, "flips")
+    per_layer = _per_layer_series(layer_rows, "flips_per_layer")
+    if ys or per_layer:
+        fig, (a1, a2) = _figure(1, 2, width=9.6)
+        if ys:
+            a1.plot(xs, ys, marker="o")
+            if min(ys) > 0 and max(ys) / min(ys) > 50:
+                a1.set_yscale("log")
+        a1.set(xlabel="epoch", ylabel="sign flips", title="Bop flips per epoch (all layers)")
+        a1.grid(alpha=0.3)
+        for name, (lx, ly) in per_layer.items():
+            a2.plot(lx, ly, marker=".", label=_short_layer(name))
+        a2.set(xlabel="epoch", ylabel="sign flips", title="Bop flips per epoch, per layer")
+        _legend(a2, len(per_layer))
+        a2.grid(alpha=0.3)
+        _epoch_axis(a1, a2)
+        figs.append(Figure(f"{tag}_flips", "Bop sign flips per epoch", _png(fig),
+                           "Total from metrics.jsonl (flips); per layer from layers.jsonl (flips_per_layer)."))
+    psg = _per_layer_series(layer_rows, "psg_kept")
+    if psg:
+        names = list(psg)
+        fig, (a1, a2) = _figure(1, 2, width=9.6, height=max(3.6, 0.22 * len(names) + 1))
+        last = [psg[n][1][-1] for n in names]
+        a1.barh(range(len(names)), last, color="tab:purple")
+        a1.set_yticks(range(len(names)), [_short_layer(n) for n in names], fontsize="x-small")
+        a1.invert_yaxis()
+        a1.set(xlim=(0, 1), xlabel="kept fraction of gradient entries", title=f"PSG kept gradients (epoch {psg[names[0]][0][-1]})")
+        for name, (lx, ly) in psg.items():
+            a2.plot(lx, ly, marker=".", label=_short_layer(name))
+        a2.set(xlabel="epoch", ylabel="kept fraction", title="PSG kept gradients per epoch", ylim=(0, 1.02))
+        _legend(a2, len(psg))
+        a2.grid(alpha=0.3)
+        _epoch_axis(a2)
+        figs.append(Figure(f"{tag}_psg_kept", "PSG kept-gradient fraction per layer", _png(fig), "From layers.jsonl (psg_kept)."))
+    return figs
+
+
+def sparsity_figure(tag: str, layers: list[tuple[str, int, int]]) -> Figure:
+    names = [_short_layer(n) for n, _, _ in layers]
+    fracs = [k / t if t else 1.0 for _, k, t in layers]
+    fig, (ax,) = _figure(1, 1, width=max(6.4, 0.45 * len(names) + 2), height=4.2)
+    bars = ax.bar(range(len(names)), fracs, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center", fontsize="x-small")
+    ax.set(ylim=(0, 1.08), ylabel="kept fraction", title="Kept fraction of each prunable layer")
+    if len(names) <= 24:
+        ax.bar_label(bars, [f"{f:.2f}" for f in fracs], fontsize="x-small")
+    kept = sum(k for _, k, _ in layers)
+    total = sum(t for _, _, t in layers)
+    if total:
+        ax.axhline(kept / total, color="tab:red", linestyle="--", linewidth=1, label=f"overall {kept / total:.3f}")
+        ax.legend(fontsize="small")
+    return Figure(f"{tag}_kept", "Per-layer kept fraction", _png(fig), "Kept / total prunable weights of each Conv2d and Linear layer.")
+
+
+def stage_section(d: Path) -> Section:
+    doc = read_stage_spec(d)
+    sid = str(doc["stage"])
+    stage = (doc["spec"].get("stages") or {}).get(sid, {})
+    kind = stage.get("kind", "?")
+    tag = _slug(d.name)
+    result = artifacts.read_json(d / artifacts.RESULT) if (d / artifacts.RESULT).is_file() else None
+    sec = Section(f"{doc['spec'].get('name', '?')} / {sid} ({kind})", str(d))
+    if result is None:
+        sec.notes.append("This stage is not complete (no result.json): what it has written so far is shown.")
+    else:
+        rows = [[k, v] for k, v in result.items() if not isinstance(v, (dict, list))]
+        sec.tables.append(Table(f"result-{tag}", "result.json", ["key", "value"], rows))
+    metrics = artifacts.read_jsonl(d / artifacts.METRICS)
+    layer_rows = artifacts.read_jsonl(d / LAYERS)
+    sec.figures += training_figures(tag, metrics, layer_rows)
+
+    cost, why = stage_model_cost(d, doc)
+    if result is not None and isinstance(result.get("layers"), dict):
+        layers = [(n, int(kt[0]), int(kt[1])) for n, kt in result["layers"].items()]
+        src = "result.json"
+    elif cost is not None:
+        layers = [(l["name"], l["kept"], l["total"]) for l in cost["layers"]]
+        src = "the masks in model.pt"
+    else:
+        layers = []
+    if layers:
+        sec.figures.append(sparsity_figure(tag, layers))
+        flops = {l["name"]: l for l in cost["layers"]} if cost else {}
+        rows = []
+        for n, k, t in layers:
+            f = flops.get(n)
+            rows.append([n, k, t, k / t if t else 1.0, f["flops"] if f else None, round(f["sparse_flops"]) if f else None])
+        sec.tables.append(Table(f"layers-{tag}", "Prunable layers", ["layer", "kept", "total", "kept fraction", "FLOPs (dense)", "FLOPs (sparse)"],
+                                rows, f"Kept counts from {src}; FLOPs of one input, sparse = dense x kept fraction."))
+    if cost is not None:
+        sec.tables.append(cost_table(tag, cost))
+    if why:
+        sec.notes.append(why)
+    return sec
+
+
+def cost_table(tag: str, c: dict) -> Table:
+    mb = c["bytes_float32"]
+
+    def mem(label: str, b: float) -> list:
+        ratio = "" if b == mb else (f", {mb / b:.1f}x smaller" if b else "")
+        return [label + " (bytes)", int(math.ceil(b)), human_bytes(b) + ratio]
+
+    rows = [
+        ["parameters (all)", c["params"], ""],
+        ["prunable weights (Conv2d, Linear)", c["prunable"], ""],
+        ["prunable weights kept", c["kept"], f"density {c['kept'] / c['prunable']:.4f}" if c["prunable"] else ""],
+        ["parameters after pruning", c["params_after"], ""],
+        ["FLOPs per input, dense", c["flops"], ""],
+        ["FLOPs per input, after pruning", round(c["sparse_flops"]), f"{c['flops'] / c['sparse_flops']:.2f}x fewer" if c["sparse_flops"] else ""],
+        mem("weights, float32 (dense)", c["bytes_float32"]),
+        mem("weights, float32 values of kept weights only", c["bytes_float32_sparse"]),
+        mem("weights, 1-bit mask + 1-bit sign per prunable weight", c["bytes_sign_mask_2bit"]),
+        mem("weights, mask bitmap + 1 sign bit per kept weight", c["bytes_bitmap_signs"]),
+    ]
+    return Table(f"cost-{tag}", "Parameters, FLOPs and memory", ["", "value", ""], rows,
+                 "FLOPs by torch.utils.flop_counter.FlopCounterMode on one input (a multiply-add counts 2); after pruning, each "
+                 "Conv2d/Linear layer's FLOPs are scaled by its kept fraction, other operations stay dense. Sign + mask formats "
+                 "store no magnitudes: with sign-only training (Bop) they are the initialisation, regenerated from the seed; the "
+                 "other parameters (BatchNorm, biases) count as float32 in every row.")
+
+
+# --------------------------------------------------------------------------- a grid
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def read_grid_rows(d: Path) -> tuple[list[dict], Path]:
+    """The rows of a grid's results.json (a list of rows, or {"rows": [...]}) or results.csv."""
+    jp, cp = d / GRID_FILES[0], d / GRID_FILES[1]
+    if jp.is_file():
+        data = artifacts.read_json(jp)
+        rows = data.get("rows", data.get("results")) if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ArtifactError(f"{jp}: expected a list of rows (objects), got {type(rows).__name__}")
+        return rows, jp
+    try:
+        with open(cp, newline="") as f:
+            return [dict(r) for r in csv.DictReader(f)], cp
+    except OSError as e:
+        raise ArtifactError(f"{cp}: cannot read ({e})") from None
+
+
+def _find_key(keys: list[str], exact: list[str], suffixes: list[str]) -> str | None:
+    for k in exact:
+        if k in keys:
+            return k
+    for s in suffixes:
+        for k in keys:
+            if k.endswith(s):
+                return k
+    return None
+
+
+def grid_summary(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Mean and sample std of val_acc per (pruner, density) over seeds. Returns (groups, keys used)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    pk = _find_key(keys, ["stages.prune.pruner.name", "pruner"], [".pruner.name", "pruner.name"])
+    dk = _find_key(keys, ["stages.prune.pruner.density"], [".pruner.density"]) or ("density" if "density" in keys else None)
+    if dk is None:
+        raise ArtifactError("grid results have no density column (looked for *.pruner.density and density)")
+    groups: dict[tuple[str, float], list[float]] = {}
+    skipped = 0
+    for r in rows:
+        status = str(r.get("status", "") or "").lower()
+        acc, dens = _num(r.get("val_acc")), _num(r.get(dk))
+        if status in FAILED or acc is None or dens is None:
+            skipped += 1
+            continue
+        groups.setdefault((str(r.get(pk, "?")) if pk else "all", dens), []).append(acc)
+    out = []
+    for (pruner, dens), accs in sorted(groups.items()):
+        n = len(accs)
+        mean = sum(accs) / n
+        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
+        out.append({"pruner": pruner, "density": dens, "n": n, "mean": mean, "std": std})
+    return out, {"pruner": pk, "density": dk, "skipped": skipped}
+
+
+def grid_section(d: Path) -> Section:
+    rows, src = read_grid_rows(d)
+    groups, used = grid_summary(rows)
+    sec = Section(f"grid: {d.name}", str(src))
+    if not groups:
+        sec.notes.append(f"No completed rows with val_acc and density in {src.name} ({len(rows)} rows).")
+        return sec
+    fig, (ax,) = _figure(1, 1, width=7.2, height=4.6)
+    pruners = list(dict.fromkeys(g["pruner"] for g in groups))
+    for p in pruners:
+        gs = [g for g in groups if g["pruner"] == p]
+        xs = [g["density"] for g in gs]
+        ms = [g["mean"] for g in gs]
+        ss = [g["std"] for g in gs]
+        line = ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=p)
+        ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], alpha=0.15, color=line[0].get_color())
+    dens = [g["density"] for g in groups]
+    if min(dens) > 0 and max(dens) / min(dens) >= 10:
+        ax.set_xscale("log")
+    ax.set(xlabel=f"density ({used['density']})", ylabel="val_acc", title="Validation accuracy against density (mean ± std over seeds)")
+    ax.legend(title="pruner", fontsize="small")
+    ax.grid(alpha=0.3)
+    sec.figures.append(Figure(f"grid_{_slug(d.name)}_val_acc", "val_acc against density, per pruner", _png(fig),
+                              "Mean ± sample standard deviation over seeds (0 with one seed)."))
+    sec.tables.append(Table("grid", "val_acc per pruner and density", ["pruner", "density", "seeds", "val_acc mean", "val_acc std"],
+                            [[g["pruner"], g["density"], g["n"], g["mean"], g["std"]] for g in groups],
+                            f"Grouped by {used['pruner'] or '(no pruner column)'} and {used['density']}; "
+                            f"{used['skipped']} row(s) without a result were left out."))
+    return sec
+
+
+# --------------------------------------------------------------------------- the page
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h3{font-size:1em;margin-bottom:.3em} .sub{color:#666;font-size:.85em;font-family:monospace}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0} td,th{border:1px solid #ddd;padding:.25em .6em}
+td.num{text-align:right;font-variant-numeric:tabular-nums} th{background:#f4f4f4}
+figure{margin:1em 0} figure img{max-width:100%} figcaption,.note{color:#555;font-size:.8em}
+"""
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    e = html.escape
+    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title><style>{CSS}</style></head><body>",
+           f"<h1>{e(title)}</h1>", f"<p class=\"note\">Written by pab report on {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>"]
+    for s in sections:
+        out.append(f"<section><h2>{e(s.title)}</h2><div class=\"sub\">{e(s.subtitle)}</div>")
+        for n in s.notes:
+            out.append(f"<p class=\"note\">{e(n)}</p>")
+        for t in s.tables:
+            out.append(f"<h3>{e(t.title)}</h3><table id=\"{e(t.id)}\"><thead><tr>{''.join(f'<th>{e(h)}</th>' for h in t.header)}</tr></thead><tbody>")
+            for r in t.rows:
+                cells = []
+                for v in r:
+                    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+                    cells.append(f"<td class=\"num\">{e(fmt(v))}</td>" if num else f"<td>{e(fmt(v))}</td>")
+                out.append(f"<tr>{''.join(cells)}</tr>")
+            out.append("</tbody></table>")
+            if t.note:
+                out.append(f"<p class=\"note\">{e(t.note)}</p>")
+        for f in s.figures:
+            data = base64.b64encode(f.png).decode("ascii")
+            out.append(f"<figure><img alt=\"{e(f.title)}\" src=\"data:image/png;base64,{data}\"><figcaption>{e(f.title)}. {e(f.caption)} "
+                       f"({e(f.name)}.png)</figcaption></figure>")
+        out.append("</section>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Report:
+    """Write report.html and its PNGs into out_dir (default: run_dir)."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise PabError(f"{root}: not a directory (give a run directory: runs/<name>/, one stage directory, or a grid directory)")
+    sections: list[Section] = []
+    if any((root / g).is_file() for g in GRID_FILES):
+        sections.append(grid_section(root))
+    else:
+        stage_dirs = find_stage_dirs(root)
+        if not stage_dirs:
+            raise PabError(f"{root}: no stage directories (with spec.yaml and result.json) and no grid results ({', '.join(GRID_FILES)}) here")
+        # the order the stages ran in
+        sections += [stage_section(d) for d in sorted(stage_dirs, key=lambda d: ((d / artifacts.SPEC).stat().st_mtime, d.name))]
+    out = Path(out_dir) if out_dir is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = []
+    for s in sections:
+        for f in s.figures:
+            p = out / f"{f.name}.png"
+            artifacts.atomic_write_bytes(p, f.png)
+            pngs.append(p)
+    page = out / "report.html"
+    artifacts.atomic_write_text(page, render_html(f"pab report: {root.resolve().name}", sections))
+    return Report(page, pngs, sections)
