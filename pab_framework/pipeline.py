@@ -53,7 +53,7 @@ def plan(spec: ExperimentSpec) -> list[tuple[str, str, Path, bool]]:
 
 @contextmanager
 def stage_lock(sdir: Path, reporter: Reporter | None = None):
-    """Hold `<stage dir>.lock` exclusively while a stage is computed, so two processes sharing an
+    """Hold `<experiment dir>/.locks/<stage dir name>.lock` exclusively while a stage is computed, so two processes sharing an
     output directory (two grids, a grid and a `pab run`) never compute the same stage at once.
 
     An advisory `flock`: released by the kernel when the holder dies, so a crash leaves no stale
@@ -64,8 +64,9 @@ def stage_lock(sdir: Path, reporter: Reporter | None = None):
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    sdir.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sdir.parent / f"{sdir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    locks = sdir.parent / ".locks"  # beside the stage folders, out of the way of listings
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / f"{sdir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
