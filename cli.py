@@ -76,7 +76,7 @@ def run(
     for o in outcomes:
         r = o.result
         table.add_row(o.stage_id, o.kind, "reused" if o.reused else "ran", _fmt(r.get("density", "")),
-                      _fmt(r["val_acc"]) if "val_acc" in r else "-", _fmt(o.wall_s if not o.reused else r.get("wall_s", 0.0)), _rel(o.dir))
+                      _fmt(r["val_acc"]) if "val_acc" in r else "-", f"{(o.wall_s if not o.reused else r.get('wall_s', 0.0)):.1f}", _rel(o.dir))
     out.print(table)
 
 
