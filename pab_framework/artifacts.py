@@ -38,6 +38,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_failure_reason(e: OSError) -> str:
+    """What went wrong with a write, in words (a full disk named plainly)."""
+    return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +59,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(e, OSError):
-            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise WriteError(f"cannot write {path}: {why} (the previous version, if any, is intact)") from None
+            raise WriteError(f"cannot write {path}: {write_failure_reason(e)} (the previous version, if any, is intact)") from None
         raise
     _fsync_dir(path.parent)
 

@@ -22,7 +22,6 @@ SIGTERM/SIGINT after writing a checkpoint (run the same command again to resume)
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -150,7 +149,7 @@ def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> P
         except OSError:
             pass
         if isinstance(e, OSError):
-            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            why = artifacts.write_failure_reason(e)
             kept = [str(p) for p in (cur, prev) if p.exists()]
             raise CheckpointWriteError(
                 f"cannot write checkpoint {cur}: {why}. "
