@@ -103,7 +103,7 @@ class TrainStage:
                         if p.on_nonfinite == "stop":
                             kept = run.last_saved or "none written yet"
                             raise TrainingError(
-                                f"stage {ctx.stage_id}: the training loss is not finite ({float(loss)}) at epoch {epoch + 1}, "
+                                f"stage {ctx.stage_id}: the training loss is not finite ({float(loss.detach())}) at epoch {epoch + 1}, "
                                 f"step {run.step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, "
                                 f"or set on_nonfinite: skip"
                             )
