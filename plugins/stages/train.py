@@ -140,9 +140,12 @@ class TrainStage:
                 if ctx.dist.is_main:
                     artifacts.write_jsonl(ctx.dir / artifacts.METRICS, run.metrics)
                     loggers.log_epoch(ctx, row)  # runtime.loggers: tensorboard, csv
+                    bop_layers = opt_figs.pop("bop_layers", None)
                     per_layer = {k: v for k, v in opt_figs.items() if isinstance(v, dict)}
                     if per_layer:
-                        artifacts.write_jsonl(ctx.dir / "layers.jsonl", [*artifacts.read_jsonl(ctx.dir / "layers.jsonl")[:epoch], {"epoch": epoch + 1, **per_layer}])
+                        _append_epoch_rows(ctx.dir / "layers.jsonl", epoch, [{"epoch": epoch + 1, **per_layer}])
+                    if bop_layers:  # Bop's per-layer statistics: one line per epoch and layer
+                        _append_epoch_rows(ctx.dir / FLIPS, epoch, [{"epoch": epoch + 1, "layer": n, **v} for n, v in bop_layers.items()])
                 checkpoint.test_pause("epoch-end", epoch + 1)
                 run.next_epoch()
                 run.save()
@@ -163,6 +166,16 @@ class TrainStage:
             "epochs": p.epochs,
             "train_s": round(run.elapsed(), 3),
         }
+
+
+FLIPS = "flips.jsonl"
+
+
+def _append_epoch_rows(path, epoch: int, rows: list[dict]) -> None:
+    """Rewrite a per-epoch jsonl file with the rows of epochs before `epoch` (0-based) and `rows`:
+    a resumed run that logs an epoch again replaces it instead of duplicating it."""
+    kept = [r for r in artifacts.read_jsonl(path) if r.get("epoch", 0) <= epoch]
+    artifacts.write_jsonl(path, [*kept, *rows])
 
 
 class _Run:
