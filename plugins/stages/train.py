@@ -64,8 +64,10 @@ class TrainStage:
         if not masks:  # dense start: every prunable weight is kept
             masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable.items()}
         model.to(ctx.device)
+        quant_epoch = None
         if p.quantizer is not None:
             model = p.quantizer.plugin.apply(model, p.quantizer.params, set(masks))
+            quant_epoch = getattr(p.quantizer.plugin, "epoch_figures", None)  # optional: per-epoch statistics
         train = ctx.batches("train")
         val = ctx.batches("val")
         module_of = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
@@ -130,11 +132,15 @@ class TrainStage:
                         run.save()
                 train_loss = float(run.loss_sum) / max(1, run.seen)
                 opt_figs = opt.epoch_end(epoch)
+                quant_figs = quant_epoch(model) if quant_epoch else {}
                 row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(run.correct) / max(1, run.seen)}
                 if p.on_nonfinite == "skip":
                     row["skipped_steps"] = run.skipped
                 row.update(evaluate(model, val))
                 row.update({k: v for k, v in opt_figs.items() if not isinstance(v, dict)})
+                if "psg_kept" in quant_figs:  # PSG: the kept fraction of weight-gradient entries
+                    row["psg_kept"] = quant_figs["psg_kept"]
+                    opt_figs["psg_kept"] = quant_figs["psg_kept_per_layer"]
                 row["epoch_s"] = round(time.perf_counter() - t0, 3)
                 run.metrics.append(row)
                 if ctx.dist.is_main:

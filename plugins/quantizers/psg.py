@@ -1,0 +1,134 @@
+"""`psg`: Predictive Sign Gradient low-precision weight gradients for any model.
+
+`apply` turns every prunable `nn.Conv2d` and `nn.Linear` (the layers whose weights carry masks)
+into its PSG form in place: the module keeps its parameters, buffers and state_dict keys (so the
+masks, checkpoints and the saved model.pt load into the plain architecture), and only its
+forward changes, to the custom autograd functions of `psg_ops`. Everything else is left alone.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from .psg_ops import PsgConfig, psg_conv2d, psg_linear
+
+log = logging.getLogger(__name__)
+
+
+class _Stats:
+    """Entries of the weight gradient kept by the threshold since the last reset (on the device)."""
+
+    def __init__(self, device):
+        self.kept = torch.zeros((), dtype=torch.int64, device=device)
+        self.total = 0
+
+    def __getitem__(self, i):
+        return self.kept if i == 0 else self.total
+
+    def __setitem__(self, i, v):
+        if i == 0:
+            self.kept = v
+        else:
+            self.total = v
+
+
+class PsgConv2d(nn.Conv2d):
+    """An nn.Conv2d whose weight gradient is PSG's; made from an existing Conv2d by `PSG.apply`."""
+
+    psg: PsgConfig
+    psg_stats: _Stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return psg_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups, self.psg, self.psg_stats)
+
+
+class PsgLinear(nn.Linear):
+    """An nn.Linear whose weight gradient is PSG's; made from an existing Linear by `PSG.apply`."""
+
+    psg: PsgConfig
+    psg_stats: _Stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return psg_linear(x, self.weight, self.bias, self.psg, self.psg_stats)
+
+
+class PSG:
+    """PSG weight gradients for the prunable Conv2d and Linear layers of any model."""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        msb_bits: int = Field(8, ge=2, le=16, description="Bits of the layer input used for the weight gradient.")
+        msb_bits_weight: int = Field(
+            8, ge=2, le=32, description="Bits of the weight in the predictive forward branch (kept for fidelity: PaB's "
+            "setting has no predictive forward, so it changes no gradient).")
+        msb_bits_grad: int = Field(16, ge=2, le=24, description="Bits of the output gradient used for the weight gradient.")
+        threshold: float = Field(1e-7, ge=0, description="Keep the low-precision weight gradient where its magnitude is at least this (see threshold_mode).")
+        threshold_mode: Literal["relative", "absolute"] = Field(
+            "relative", description="`relative`: the threshold is `threshold` x the layer's largest |gradient| (the seed's "
+            "CIFAR runs); `absolute`: `threshold` itself (the seed's ImageNet runs). The original CLI chose between them "
+            "by the sign of its flag.")
+        sparsify: bool = Field(True, description="Below the threshold the gradient is 0 (true) or the full-precision gradient (false).")
+        take_sign: bool = Field(False, description="Replace the weight gradient by its sign.")
+
+    def apply(self, model: nn.Module, params: "PSG.Params", prunable: set[str]) -> nn.Module:
+        cfg = PsgConfig(**params.model_dump())
+        wrapped = 0
+        for name, m in model.named_modules():
+            wname = f"{name}.weight" if name else "weight"
+            if wname not in prunable:
+                continue
+            if type(m) is nn.Conv2d and not isinstance(m.padding, str):
+                m.__class__ = PsgConv2d
+            elif type(m) is nn.Conv2d and m.padding == "valid":
+                m.__class__ = PsgConv2d
+                m.padding = (0, 0)
+            elif type(m) is nn.Linear:
+                m.__class__ = PsgLinear
+            else:
+                log.warning("psg: %s (%s) is left at full precision: only nn.Conv2d with numeric padding and nn.Linear are wrapped",
+                            name, type(m).__name__)
+                continue
+            # the same object, its class swapped: parameters, buffers, hooks and keys stay as they were
+            m.psg = cfg
+            m.psg_stats = _Stats(m.weight.device)
+            wrapped += 1
+        if prunable and not wrapped:
+            log.warning("psg: no layer was wrapped")
+        return model
+
+    @staticmethod
+    def layers(model: nn.Module) -> dict[str, nn.Module]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, (PsgConv2d, PsgLinear))}
+
+    def stats(self, model: nn.Module) -> dict[str, dict]:
+        """Per wrapped layer (by its weight's name, as the masks): kept and total weight-gradient entries since the last reset (one host sync)."""
+        layers = self.layers(model)
+        if not layers:
+            return {}
+        kept = torch.stack([m.psg_stats.kept.to("cpu") for m in layers.values()]).tolist()
+        return {f"{n}.weight": {"kept": k, "total": m.psg_stats.total} for (n, m), k in zip(layers.items(), kept)}
+
+    def reset_stats(self, model: nn.Module) -> None:
+        for m in self.layers(model).values():
+            m.psg_stats.kept.zero_()
+            m.psg_stats.total = 0
+
+    def epoch_figures(self, model: nn.Module) -> dict:
+        """For metrics.jsonl (`psg_kept`: the kept fraction over all layers) and layers.jsonl
+        (`psg_kept`: layer -> kept fraction); resets the counts."""
+        st = self.stats(model)
+        self.reset_stats(model)
+        if not st:
+            return {}
+        kept, total = sum(v["kept"] for v in st.values()), sum(v["total"] for v in st.values())
+        return {"psg_kept": kept / total if total else 1.0,
+                "psg_kept_per_layer": {n: (v["kept"] / v["total"] if v["total"] else 1.0) for n, v in st.items()}}
