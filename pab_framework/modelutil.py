@@ -9,13 +9,28 @@ import torch.nn as nn
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
-def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of Conv2d and Linear layers, by parameter name, in module order."""
+def prunable_parameters(model: nn.Module, bias: bool = False, batchnorm: bool = False) -> dict[str, nn.Parameter]:
+    """Weights of Conv2d and Linear layers (with `batchnorm`, BatchNorm weights too; with `bias`,
+    those layers' biases too), by parameter name, in module order."""
     out: dict[str, nn.Parameter] = {}
+    types = PRUNABLE_TYPES + ((nn.modules.batchnorm._BatchNorm,) if batchnorm else ())
     for mname, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
-            out[f"{mname}.weight" if mname else "weight"] = module.weight
+        if not isinstance(module, types):
+            continue
+        for pname in ("weight", "bias") if bias else ("weight",):
+            p = getattr(module, pname, None)
+            if isinstance(p, nn.Parameter):
+                out[f"{mname}.{pname}" if mname else pname] = p
     return out
+
+
+def classifier_name(model: nn.Module, num_classes: int) -> str | None:
+    """The final classifier's weight: the last Linear weight with `num_classes` outputs."""
+    found = None
+    for mname, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            found = f"{mname}.weight" if mname else "weight"
+    return found
 
 
 def init_weight_(weight: torch.Tensor, method: str) -> None:

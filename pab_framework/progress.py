@@ -34,6 +34,19 @@ class Reporter:
         else:
             self.console.print(message)
 
+    def table(self, title: str, columns: list[str], rows: list[list[str]]) -> None:
+        """A small table (per-layer figures, say); right-aligned after the first column."""
+        if self.mode == "none":
+            return
+        from rich.table import Table
+
+        t = Table(title=title, title_justify="left")
+        for i, c in enumerate(columns):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        for r in rows:
+            t.add_row(*r)
+        self.log(t)
+
     @contextmanager
     def task(self, description: str, total: int | None, unit: str = "") -> Iterator["Task"]:
         """A unit of long work (epochs, batches, pruning rounds)."""

@@ -91,6 +91,19 @@ class PrunerCall(PluginCall):
     scope: Literal["global", "local"] = Field(
         "global", description="`global`: one threshold over all layers; `local`: every layer keeps `density`."
     )
+    classifier_density: Optional[float] = Field(
+        None, gt=0, le=1, description="A separate kept fraction for the final classifier layer (default: as the others)."
+    )
+    prune_bias: bool = Field(False, description="Also prune the biases of the prunable layers.")
+    prune_batchnorm: bool = Field(False, description="Also prune BatchNorm weights (and biases with prune_bias).")
+    train_mode: bool = Field(False, description="Score with BatchNorm in train mode (default: eval mode, as the original).")
+    reinitialize: bool = Field(
+        False, description="After pruning, re-draw the surviving weights with the model's init (the random re-init ablation)."
+    )
+    batches: int = Field(1, ge=1, le=100_000, description="Pruning batches for data-dependent pruners (SNIP, GraSP).")
+    batch_size: int = Field(
+        100, ge=1, le=1_000_000, description="Samples per pruning batch, drawn from a seeded subset of the training set."
+    )
 
 
 class OptimizerCall(PluginCall):

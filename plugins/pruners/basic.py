@@ -12,38 +12,24 @@ from pydantic import BaseModel, ConfigDict, Field
 class SynFlow:
     """Iterative Synaptic Flow (Tanaka et al., 2020): score = |theta * dR/dtheta| where
     R = sum(f_|theta|(1)), the network's output on an all-ones input with every parameter and
-    buffer replaced by its absolute value (the linearised network). Data-independent."""
+    buffer replaced by its absolute value (the linearised network). Data-independent.
+
+    `linearized = True` asks the framework's prune loop for that network: it takes the absolute
+    values once for all iterations, so `score` gets a model that is already linearised."""
 
     needs_data = False
+    linearized = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
     def score(self, params, model, prunable, inputs) -> dict[str, torch.Tensor]:
-        tensors = list(model.state_dict(keep_vars=True).values())
-        seen: set[int] = set()
-        signs = []
-        with torch.no_grad():
-            for t in tensors:
-                if id(t) in seen or not t.is_floating_point():
-                    continue
-                seen.add(id(t))
-                signs.append((t, torch.sign(t)))
-                t.abs_()
-        try:
-            names = list(prunable)
-            weights = [prunable[n] for n in names]
-            x = torch.ones((1, *inputs.input_shape), dtype=inputs.dtype, device=inputs.device)
-            r = model(x).sum()
-            grads = torch.autograd.grad(r, weights, allow_unused=True)
-            scores = {}
-            for n, w, g in zip(names, weights, grads):
-                scores[n] = (g * w).detach().abs() if g is not None else torch.zeros_like(w)
-        finally:
-            with torch.no_grad():
-                for t, s in signs:
-                    t.mul_(s)
-        return scores
+        names = list(prunable)
+        weights = [prunable[n] for n in names]
+        x = torch.ones((1, *inputs.input_shape), dtype=inputs.dtype, device=inputs.device)
+        r = model(x).sum()
+        grads = torch.autograd.grad(r, weights, allow_unused=True)
+        return {n: (g * w).detach().abs_() if g is not None else torch.zeros_like(w) for n, w, g in zip(names, weights, grads)}
 
 
 class Magnitude:

@@ -5,7 +5,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pab_framework import masking
-from pab_framework.modelutil import apply_masks_, density_of
+import torch.nn as nn
+
+from pab_framework.modelutil import apply_masks_, density_of, initialise
 from pab_framework.spec import PrunerCall
 
 
@@ -23,17 +25,58 @@ class PruneStage:
         info = ctx.data_info()
         inputs = masking.PruneInputs(input_shape=tuple(info.input_shape), num_classes=info.num_classes, device=ctx.device, seed=ctx.seed)
         if getattr(call.plugin, "needs_data", True):
-            batches = ctx.batches("train", shuffle=False)
-            inputs.batches = [next(iter(batches))]
+            inputs.batches = pruning_batches(ctx.dataset("train"), call.batches, call.batch_size, ctx.seed)
         with ctx.reporter.task(f"prune {call.name}", total=call.iterations) as task:
             def on_round(k: int, d: float) -> None:
                 task.advance(1, info=f"density {d:.4f}", log=k == call.iterations or k % max(1, call.iterations // 4) == 0)
 
             masks = masking.prune(model, call.plugin, call.params, call, inputs, masks or None, on_round)
+        if call.reinitialize:
+            redraw_(ctx, model, masks)
         params_by_name = dict(model.named_parameters())
         apply_masks_(params_by_name, masks)
         ctx.save_model(model, masks)
         kept, total = density_of(masks)
-        layers = {n: [int(m.sum()), m.numel()] for n, m in masks.items()}
+        layers = {n: [int(m.sum()), m.numel()] for n, m in masks.items()}  # name -> [kept, total]
+        ctx.reporter.table(
+            f"{ctx.stage_id}: kept weights per layer", ["layer", "kept", "total", "density"],
+            [[n, str(k), str(t), f"{k / t:.4f}"] for n, (k, t) in layers.items()],
+        )
         ctx.log(f"pruned to density {kept / total:.4f} ({kept}/{total} prunable weights kept)")
         return {"density": kept / total, "kept": kept, "total": total, "pruner": call.name, "layers": layers}
+
+
+def pruning_batches(dataset, batches: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`batches` x `batch_size` training samples drawn without replacement by `seed` (fewer when
+    the set is smaller), independent of the training loader's order; the same on every run."""
+    n = len(dataset)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)[: batches * batch_size].tolist()
+    tensors = getattr(dataset, "tensors", None)  # TensorDataset: index it at once
+    out = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        if tensors is not None:
+            out.append((tensors[0][idx], tensors[1][idx]))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)  # random augmentations, if any, drawn the same every run
+                xs, ys = zip(*(dataset[j] for j in idx))
+            out.append((torch.stack(xs), torch.as_tensor(ys)))
+    return out
+
+
+def redraw_(ctx, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """The random re-init ablation: the surviving weights re-drawn from the model's initialisation
+    (a fresh draw, with another seed), the masks kept."""
+    call = ctx.spec.model
+    info = ctx.data_info()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed + 7919)
+        fresh = call.plugin.build(call.params, info.num_classes, tuple(info.input_shape))
+        initialise(fresh, call.init, call.init_scope)
+    new = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.copy_(new[n])
