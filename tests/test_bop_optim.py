@@ -105,6 +105,12 @@ def test_save_load_continue_equals_never_stopping():
         opt2.step()
     for a, b in zip(params, straight):
         assert torch.equal(a, b)
+    # the flip counters come back as exact integers, even past float32's 2^24
+    opt2.state[params[0]]["flips"] += 2**25 + 1
+    opt3 = Bop([torch.nn.Parameter(p.detach().clone()) for p in params], ar=1e-2, tau=1e-5)
+    opt3.load_state_dict(opt2.state_dict())
+    assert [c.dtype for c in opt3.flip_counts()] == [torch.int64] * len(params)
+    assert [int(c) for c in opt3.flip_counts()] == [int(c) for c in opt2.flip_counts()]
 
 
 def test_step_does_not_synchronise_or_use_float64(monkeypatch):

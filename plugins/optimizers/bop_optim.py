@@ -167,6 +167,18 @@ class Bop(torch.optim.Optimizer):
             _eager_step(ms, gs, ws, counts, ar, tau, first=False)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the int64 flip counters stay int64 (torch casts every other state
+        tensor to its parameter's dtype, which would round counts above 2^24)."""
+        state = {k: dict(v) for k, v in state_dict["state"].items()}
+        counters = {k: v.pop("flips") for k, v in state.items() if "flips" in v}
+        super().load_state_dict({**state_dict, "state": state})
+        for i, p in enumerate(self._params()):
+            if i in counters:
+                self.state[p]["flips"] = counters[i].to(device=p.device, dtype=torch.int64)
+            else:
+                self.state[p].setdefault("flips", torch.zeros((), dtype=torch.int64, device=p.device))
+
     def flip_counts(self) -> list[torch.Tensor]:
         return [self.state[p]["flips"] for p in self._params()]
 
