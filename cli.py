@@ -76,7 +76,9 @@ def run(
         n = nproc or s.runtime.nproc_per_node
         if n > 1 and not distributed.under_launcher():
             distributed.check(s, distributed.DistInfo(world_size=n, local_world_size=n), distributed.pick_device(s.runtime, distributed.DistInfo()))
-            code = distributed.launch(sys.argv[1:], n, debug=debug, log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
+            argv = ["run", str(spec), *[a for o in set_ or [] for a in ("--set", o)], *(["--force"] if force else []),
+                    *(["--restart"] if restart else []), *(["--progress", progress] if progress else []), *(["--debug"] if debug else [])]
+            code = distributed.launch(argv, n, debug=debug, log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
             raise typer.Exit(code)
         dist = distributed.from_env()
         with distributed.session(s.runtime, dist):

@@ -138,6 +138,21 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, write_spec):
     assert [r["epoch"] for r in rows] == list(range(1, 41))
 
 
+@pytest.mark.slow
+def test_torchrun_runs_the_same_job(tmp_path, write_spec):
+    spec = write_spec(SPEC)
+    e = dict(os.environ)
+    e.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pab_framework", "run",
+                        str(spec), "--set", "runtime.output_dir=tr"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    q, _ = pab("run", spec, "--nproc", 2, "--set", "runtime.output_dir=el")
+    assert q.returncode == 0, q.stderr[-3000:]
+    a, b = (json.loads((stage_dir(tmp_path / d, "train") / "result.json").read_text()) for d in ("tr", "el"))
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["rank_digests"] == b["rank_digests"]  # bitwise the same training, whichever launcher
+
+
 def _image_folder(root: Path, classes=3, train=4, val=2, size=40) -> Path:
     from PIL import Image
 
