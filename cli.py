@@ -27,7 +27,8 @@ def _fail(e: BaseException, debug: bool) -> None:
     if debug or os.environ.get("PAB_DEBUG"):
         traceback.print_exception(e)
     if isinstance(e, PabError):
-        err.print("error: " + str(e), markup=False)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
+        err.print("error: " + (f"[rank {rank}] " if rank is not None else "") + str(e), markup=False)
         raise typer.Exit(e.exit_code)
     raise e
 
@@ -52,23 +53,46 @@ def run(
     force: bool = typer.Option(False, "--force", help="Recompute every stage, even complete ones."),
     restart: bool = typer.Option(False, "--restart", help="Throw away the checkpoints of incomplete stages instead of resuming from them."),
     progress: Optional[str] = typer.Option(None, "--progress", help="auto, rich, plain or none (default: the spec's runtime.progress)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, max=1024,
+                                        help="Processes on this node, started through torch's elastic launcher (default: runtime.nproc_per_node)."),
     debug: bool = DebugOpt,
 ):
     """Run every stage of SPEC (complete stages are reused; interrupted ones resume from their checkpoint).
 
+    With --nproc N (or runtime.nproc_per_node: N) the run is N processes under DistributedDataParallel,
+    started through torch's elastic launcher; `torchrun ... -m pab_framework run SPEC` works alike.
+
     Exit codes: 0 done; 2 bad input (spec, artifact, plugin); 3 stopped by SIGTERM/SIGINT after
-    writing a checkpoint (run again to resume); 4 a write failed (full disk), earlier files intact."""
+    writing a checkpoint (run again to resume); 4 a write failed (full disk), earlier files intact.
+    Under several processes the job's code is the failing rank's."""
+    from pab_framework import distributed
     from pab_framework.errors import PabError
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
     from pab_framework.spec import load_spec
 
     try:
-        s = load_spec(spec, set_ or [])
-        reporter = Reporter(out, mode=progress or s.runtime.progress)
-        outcomes = run_spec(s, force=force, restart=restart, reporter=reporter)
+        s = load_spec(spec, set_ or [])  # a bad spec ends here, before any process starts
+        n = nproc or s.runtime.nproc_per_node
+        if n > 1 and not distributed.under_launcher():
+            distributed.check(s, distributed.DistInfo(world_size=n, local_world_size=n), distributed.pick_device(s.runtime, distributed.DistInfo()))
+            argv = ["run", str(spec), *[a for o in set_ or [] for a in ("--set", o)], *(["--force"] if force else []),
+                    *(["--restart"] if restart else []), *(["--progress", progress] if progress else []), *(["--debug"] if debug else [])]
+            code = distributed.launch(argv, n, debug=debug, log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
+            raise typer.Exit(code)
+        dist = distributed.from_env()
+        with distributed.session(s.runtime, dist):
+            reporter = Reporter(out, mode=progress or s.runtime.progress, enabled=dist.is_main)
+            outcomes = run_spec(s, force=force, restart=restart, reporter=reporter, dist=dist)
     except PabError as e:
         _fail(e, debug)
+        return
+    except RuntimeError as e:  # under DDP: a peer that failed first leaves the others a bare socket error
+        if debug or not distributed.under_launcher() or not distributed.lost_peer(e):
+            raise
+        err.print(f"error: [rank {os.environ.get('RANK')}] another rank stopped ({str(e).splitlines()[0][:160]})", markup=False)
+        raise typer.Exit(1)
+    if not dist.is_main:
         return
     table = Table(title=f"{s.name}: results")
     for col in ("stage", "kind", "status", "density", "val_acc", "time (s)", "directory"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn as nn
 
 from . import artifacts
 from .data import Batches, DataInfo
+from .distributed import DistInfo
 from .errors import ArtifactError
 from .modelutil import apply_masks_, initialise, prunable_parameters
 from .progress import Reporter
@@ -23,21 +25,6 @@ class Upstream:
     stage_id: str
     dir: Path
     result: dict
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
 
 
 @dataclass
@@ -72,20 +59,68 @@ class StageContext:
         call = self.spec.data
         return call.plugin.build(call.params, split, base_dir=self.spec.base_dir)
 
-    def batches(self, split: str, *, shuffle: bool | None = None, batch_size: int | None = None) -> Batches:
-        data = self.spec.data
+    def batches(self, split: str, *, shuffle: bool | None = None, batch_size: int | None = None, shard: bool = False) -> Batches:
+        """Batches of `split`, the same on every rank unless `shard`.
+
+        `shard=True` (the train and evaluate stages) splits the data among the ranks of a DDP job:
+        each rank gets every N-th example of the epoch's order, and with runtime.batch_size_is
+        `global` a step takes batch_size / N examples on each of the N ranks (evaluation:
+        ceil(eval_batch_size / N)). The training split is padded so every rank has as many steps;
+        other splits are sharded without repeats, so sums over ranks count every example once.
+        Without `shard` (the default, e.g. the batch a pruner scores with) every rank sees what a
+        single process would, so stages that do not ask compute identically everywhere."""
+        data, rt = self.spec.data, self.spec.runtime
+        d = self.dist if shard else DistInfo()
         train = split == "train"
         bs = batch_size or (data.batch_size if train else (data.eval_batch_size or data.batch_size))
+        if d.enabled and rt.batch_size_is == "global" and batch_size is None:
+            bs = max(1, -(-bs // d.world_size))
         return Batches(
             self.dataset(split),
             bs,
             shuffle=train if shuffle is None else shuffle,
             seed=self.seed,
             device=self.device,
-            num_workers=self.spec.runtime.num_workers,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+            num_workers=rt.num_workers,
+            rank=d.rank,
+            world_size=d.world_size,
+            pad=train,
+            pin_memory=rt.pin_memory,
+            persistent_workers=rt.persistent_workers,
+            prefetch_factor=rt.prefetch_factor,
+            channels_last=rt.channels_last,
         )
+
+    # ------------------------------------------------------------------ runtime
+    def parallel(self, model: nn.Module) -> nn.Module:
+        """The module a training step calls: `model` itself in one process; under DDP, `model`
+        (with synchronised BatchNorm when runtime.sync_bn) wrapped in DistributedDataParallel, which
+        all-reduces (averages) the gradients in backward, so every rank's optimizer steps alike.
+        Evaluate, save and read parameters through `model`, never the wrapper."""
+        rt = self.spec.runtime
+        if rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if not self.dist.enabled:
+            return model
+        if rt.sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the children in place
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, output_device=self.device.index if ids else None)
+
+    def autocast(self):
+        """The forward pass's precision (runtime.amp)."""
+        amp = self.spec.runtime.amp
+        if amp == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16 autocast; None otherwise."""
+        if self.spec.runtime.amp != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device.type)
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:

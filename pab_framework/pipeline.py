@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, checkpoint
+from . import artifacts, checkpoint, distributed
 from .context import DistInfo, StageContext, Upstream
 from .errors import PabError
 from .graph import stage_keys, topological_order
@@ -34,14 +34,7 @@ def stage_dir(spec: ExperimentSpec, stage_id: str, key: str) -> Path:
 
 
 def pick_device(spec: ExperimentSpec, dist: DistInfo) -> torch.device:
-    want = spec.runtime.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise PabError("runtime.device is 'cuda' but no CUDA device is available here (use 'auto' or 'cpu')")
-        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    return distributed.pick_device(spec.runtime, dist)
 
 
 def plan(spec: ExperimentSpec) -> list[tuple[str, str, Path, bool]]:
@@ -86,8 +79,13 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
     dist = dist or DistInfo()
     reporter = reporter or Reporter(mode=spec.runtime.progress, enabled=dist.is_main)
     device = pick_device(spec, dist)
+    distributed.check(spec, dist, device)
     outcomes: dict[str, StageOutcome] = {}
-    for sid, key, sdir, complete in plan(spec):
+    # under DDP rank 0 decides what is complete (every rank must take the same path) and every
+    # rank reads what it wrote only after a barrier
+    steps = dist.broadcast_object([(sid, key, str(sdir), complete) for sid, key, sdir, complete in plan(spec)])
+    for sid, key, sdir, complete in steps:
+        sdir = Path(sdir)
         st = spec.stages[sid]
         upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.after}
         if complete and not force:
@@ -96,7 +94,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
         # one process at a time per stage directory; under DDP every rank takes part in the
         # stage, so the lock (a per-process wait) is left to single-process runs
         with stage_lock(sdir, reporter) if not dist.enabled else _nolock():
-            if not force and artifacts.is_complete(sdir):  # another process finished it meanwhile
+            if dist.broadcast_object(not force and artifacts.is_complete(sdir)):  # another process finished it meanwhile
                 outcomes[sid] = _reuse(sid, st.kind, sdir, reporter)
                 continue
             if restart and dist.is_main and checkpoint.exists(sdir):
@@ -105,7 +103,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
             if checkpoint.exists(sdir):
                 reporter.log(f"[bold]resuming[/] {sid} ({st.kind}) from its checkpoint in {sdir} (--restart starts it afresh)")
             else:
-                reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}")
+                reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}" + (f" on {dist.world_size} processes" if dist.enabled else ""))
             if dist.is_main:
                 sdir.mkdir(parents=True, exist_ok=True)
                 # a forced re-run: the stage is incomplete from here until its new result is written
@@ -115,6 +113,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
                     sdir / artifacts.SPEC,
                     dump_yaml({"stage": sid, "key": key, "spec": spec.resolved_dict()}),
                 )
+            dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
             ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
             t0 = time.perf_counter()
             result = dict(st.plugin.run(ctx))
@@ -123,6 +122,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
             if dist.is_main:
                 artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
                 checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
+            dist.barrier()  # the artifacts are on disk before a later stage on any rank loads them
         outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall)
     return list(outcomes.values())
 

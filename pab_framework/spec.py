@@ -77,8 +77,8 @@ class ModelCall(PluginCall):
 
 class DataCall(PluginCall):
     group: ClassVar[str] = "pab.datasets"
-    batch_size: int = Field(128, ge=1, le=1 << 20, description="Training batch size per process.")
-    eval_batch_size: Optional[int] = Field(None, ge=1, le=1 << 20, description="Validation batch size (default: batch_size).")
+    batch_size: int = Field(128, ge=1, le=1 << 20, description="Training batch size: the global batch, or per process (runtime.batch_size_is).")
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=1 << 20, description="Validation batch size (default: batch_size), read as batch_size is.")
 
 
 class PrunerCall(PluginCall):
@@ -122,8 +122,27 @@ class StrictModel(BaseModel):
 class RuntimeSpec(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` picks CUDA when available.")
     output_dir: str = Field("runs", min_length=1, description="Where stage directories go, relative to the spec file.")
-    nproc_per_node: int = Field(1, ge=1, le=1024, description="Processes per node (DDP when > 1).")
-    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes (0: load in the main process).")
+    nproc_per_node: int = Field(
+        1, ge=1, le=1024, description="Processes on this node (DDP when > 1): `pab run` starts them through torch's elastic "
+        "launcher; `pab run --nproc N` overrides; under torchrun the launcher's world size rules."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend: `auto` is NCCL on CUDA, gloo on the CPU.")
+    dist_timeout_s: int = Field(
+        600, ge=10, le=86_400, description="A rank that waits this long in a collective gives up (a dead rank ends the job at once)."
+    )
+    batch_size_is: Literal["global", "per_rank"] = Field(
+        "global", description="What data.batch_size means under DDP: `global` (split among the processes, so the spec means the "
+        "same on any number of them) or `per_rank` (each process takes that many; the global batch grows with the processes)."
+    )
+    sync_bn: bool = Field(False, description="Synchronised BatchNorm across processes (CUDA only); otherwise each rank normalises its own batch.")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes per rank (0: load in the main process).")
+    pin_memory: Optional[bool] = Field(None, description="Pinned host memory for batches (default: on with CUDA).")
+    persistent_workers: Optional[bool] = Field(None, description="Keep DataLoader workers between epochs (default: on when num_workers > 0).")
+    prefetch_factor: Optional[int] = Field(None, ge=1, le=1024, description="Batches each worker loads ahead (needs num_workers > 0).")
+    channels_last: bool = Field(False, description="Channels-last memory format for the model and its image batches (faster convolutions on recent GPUs).")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Automatic mixed precision of the forward pass: bf16, or fp16 with a gradient scaler (CUDA)."
+    )
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="Progress display: rich bars on a terminal, plain log lines otherwise."
     )
@@ -133,6 +152,13 @@ class RuntimeSpec(StrictModel):
         "always written (reports and caching read it): `tensorboard` (event files under tb/; needs the tensorboard extra), "
         "`csv` (metrics.csv).",
     )
+
+    @field_validator("persistent_workers", "prefetch_factor")
+    @classmethod
+    def _needs_workers(cls, v, info):
+        if v not in (None, False) and info.data.get("num_workers", 0) == 0:
+            raise ValueError(f"{info.field_name} needs DataLoader workers (runtime.num_workers > 0)")
+        return v
 
     @field_validator("loggers")
     @classmethod

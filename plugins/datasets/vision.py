@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,8 +72,11 @@ class ImageFolder:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         root: str = Field(..., description="Directory with train/ and val/ (relative to the spec file).")
-        image_size: int = Field(224, ge=8, le=4096, description="Training crop size.")
-        resize: int = Field(256, ge=8, le=4096, description="Validation images are resized to this, then centre-cropped.")
+        image_size: int = Field(224, ge=8, le=4096, description="Crop size: random-resized crops for training, centre crops for validation.")
+        resize: Optional[int] = Field(
+            None, ge=8, le=4096, description="Validation images are resized to this, then centre-cropped to image_size (default: image_size * 8/7, 256 for 224)."
+        )
+        augment: bool = Field(True, description="Random-resized crop and horizontal flip for training (else: as validation).")
         num_classes: int | None = Field(None, ge=2, description="Number of classes (default: counted from train/).")
 
     def info(self, params, *, base_dir=None) -> DataInfo:
@@ -90,10 +94,11 @@ class ImageFolder:
         if not d.is_dir():
             raise DataError(f"image folder not found: {d} (expected {d.parent}/train/<class>/... and {d.parent}/val/<class>/...)")
         norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        if split == "train":
+        resize = params.resize or round(params.image_size * 8 / 7)
+        if split == "train" and params.augment:
             tf = T.Compose([T.RandomResizedCrop(params.image_size), T.RandomHorizontalFlip()] + norm)
         else:
-            tf = T.Compose([T.Resize(params.resize), T.CenterCrop(params.image_size)] + norm)
+            tf = T.Compose([T.Resize(resize), T.CenterCrop(params.image_size)] + norm)
         try:
             return torchvision.datasets.ImageFolder(str(d), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:

@@ -17,7 +17,7 @@ class EvaluateStage:
     def run(self, ctx) -> dict:
         model, masks = ctx.load_model()
         model.to(ctx.device)
-        figs = evaluate(model, ctx.batches("val"))
+        figs = evaluate(model, ctx.batches("val", shard=True), ctx.dist)  # under DDP each rank a shard, sums reduced
         kept, total = density_of(masks) if masks else (1, 1)
         ctx.log(f"val_acc {figs['val_acc']:.4f}  val_loss {figs['val_loss']:.4f}")
         return {"density": kept / total, **figs}

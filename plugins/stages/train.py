@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pab_framework import artifacts, checkpoint, loggers
+from pab_framework.distributed import StopVote, state_digest, test_fail
 from pab_framework.errors import ArtifactError, TrainingError
 from pab_framework.modelutil import density_of, prunable_parameters
 from pab_framework.optim import OptimizerContext
@@ -17,8 +18,9 @@ from pab_framework.spec import OptimizerCall, QuantizerCall
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches) -> dict:
-    """Validation loss and accuracy (fractions), with one host sync at the end."""
+def evaluate(model: nn.Module, batches, dist=None) -> dict:
+    """Validation loss and accuracy (fractions), with one host sync at the end. Under DDP (`dist`
+    enabled, `batches` sharded) the sums are all-reduced, so every rank reports the whole split."""
     was_training = model.training
     model.eval()
     loss_sum = None
@@ -32,6 +34,13 @@ def evaluate(model: nn.Module, batches) -> dict:
         correct = c if correct is None else correct + c
         n += y.numel()
     model.train(was_training)
+    if dist is not None and dist.enabled:
+        dev = next(iter(model.parameters())).device
+        sums = torch.stack([torch.zeros((), dtype=torch.float64, device=dev) if loss_sum is None else loss_sum.double(),
+                            torch.zeros((), dtype=torch.float64, device=dev) if correct is None else correct.double(),
+                            torch.tensor(float(n), dtype=torch.float64, device=dev)])
+        dist.sum_(sums)
+        loss_sum, correct, n = sums[0], sums[1], int(sums[2])
     if n == 0:
         return {"val_loss": float("nan"), "val_acc": 0.0, "val_n": 0}
     return {"val_loss": float(loss_sum) / n, "val_acc": float(correct) / n, "val_n": n}
@@ -68,13 +77,15 @@ class TrainStage:
         if p.quantizer is not None:
             model = p.quantizer.plugin.apply(model, p.quantizer.params, set(masks))
             quant_epoch = getattr(p.quantizer.plugin, "epoch_figures", None)  # optional: per-epoch statistics
-        train = ctx.batches("train")
-        val = ctx.batches("val")
+        net = ctx.parallel(model)  # DDP under several processes: gradients all-reduced, so Bop flips alike everywhere
+        train = ctx.batches("train", shard=True)
+        val = ctx.batches("val", shard=True)
         module_of = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
         named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
         octx = OptimizerContext(named, masks, p.epochs, len(train), module_of)
         opt = p.optimizer.plugin.build(p.optimizer.params, octx)
-        run = _Run(ctx, model, masks, opt, len(train))
+        scaler = ctx.grad_scaler()
+        run = _Run(ctx, model, masks, opt, len(train), scaler)
         run.resume()
         masks = run.masks
         # weights the optimizer does not keep at zero itself are re-masked after every step
@@ -86,6 +97,10 @@ class TrainStage:
         every = p.checkpoint_every_steps
         skip_bad = p.on_nonfinite == "skip"
         buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        dist = ctx.dist
+        agree_finite = dist.enabled and skip_bad  # ranks must skip a step together or not at all
+        step_opt = _ScaledStep(opt, [q for _, q in named], scaler) if scaler is not None else None
+        vote = StopVote(dist)
         with checkpoint.StopSignals() as stop, ctx.reporter.task("epoch", total=p.epochs) as ep_task, \
                 ctx.reporter.task("batch", total=len(train)) as b_task:
             ep_task.advance(run.epoch)
@@ -99,9 +114,13 @@ class TrainStage:
                     opt.zero_grad()
                     if skip_bad:  # a skipped step must not leave its forward pass in BatchNorm's running stats
                         saved = [b.detach().clone() for b in buffers]
-                    out = model(x)
-                    loss = loss_fn(out, y)
-                    if not bool(torch.isfinite(loss.detach())):
+                    with ctx.autocast():
+                        out = net(x)
+                        loss = loss_fn(out, y)
+                    finite = torch.isfinite(loss.detach())
+                    if agree_finite:
+                        finite = dist.min_(finite.to(torch.int32)) > 0
+                    if not bool(finite):
                         if p.on_nonfinite == "stop":
                             kept = run.last_saved or "none written yet"
                             raise TrainingError(
@@ -114,8 +133,12 @@ class TrainStage:
                             with torch.no_grad():
                                 torch._foreach_copy_(buffers, saved)
                     else:
-                        loss.backward()
-                        opt.step()
+                        if step_opt is not None:
+                            scaler.scale(loss).backward()
+                            step_opt.step()
+                        else:
+                            loss.backward()
+                            opt.step()
                         if remask_p:
                             with torch.no_grad():
                                 torch._foreach_mul_(remask_p, remask_m)
@@ -126,17 +149,21 @@ class TrainStage:
                     run.step += 1
                     b_task.advance(1)
                     checkpoint.test_pause("step", epoch * len(train) + run.step)
-                    if stop.requested:
-                        run.interrupt(stop.requested)
+                    test_fail("step", epoch * len(train) + run.step, dist.rank)
+                    signame = vote.poll(stop.requested)
+                    if signame:
+                        run.interrupt(signame)
                     if every and run.step % every == 0 and run.step < len(train):
                         run.save()
-                train_loss = float(run.loss_sum) / max(1, run.seen)
+                dist.broadcast_buffers_(model)  # rank 0's BatchNorm statistics everywhere, for validation and the checkpoint
+                loss_sum, correct, seen = run.totals()
+                train_loss = loss_sum / max(1, seen)
                 opt_figs = opt.epoch_end(epoch)
                 quant_figs = quant_epoch(model) if quant_epoch else {}
-                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": float(run.correct) / max(1, run.seen)}
+                row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct / max(1, seen)}
                 if p.on_nonfinite == "skip":
                     row["skipped_steps"] = run.skipped
-                row.update(evaluate(model, val))
+                row.update(evaluate(model, val, dist))
                 row.update({k: v for k, v in opt_figs.items() if not isinstance(v, dict)})
                 if "psg_kept" in quant_figs:  # PSG: the kept fraction of weight-gradient entries
                     row["psg_kept"] = quant_figs["psg_kept"]
@@ -157,13 +184,16 @@ class TrainStage:
                 run.save()
                 extra = f"  flips {row['flips']}" if "flips" in row else ""
                 ep_task.advance(1, info=f"loss {train_loss:.4f}  val_acc {row['val_acc']:.4f}{extra}", log=True)
-                if stop.requested:
-                    run.interrupt(stop.requested, save=False)
+                signame = vote.now(stop.requested)
+                if signame:
+                    run.interrupt(signame, save=False)
         kept, total = density_of(masks)
+        ranks = _check_ranks_agree(ctx, model, masks)
         ctx.save_model(model, masks)
         metrics = run.metrics
         last = metrics[-1]
         return {
+            **ranks,
             "density": kept / total if total else 1.0,
             "val_acc": last["val_acc"],
             "val_loss": last["val_loss"],
@@ -187,8 +217,9 @@ def _append_epoch_rows(path, epoch: int, rows: list[dict]) -> None:
 class _Run:
     """Where training stands (epoch, step, metrics, running sums) and its checkpoints."""
 
-    def __init__(self, ctx, model: nn.Module, masks: dict, opt, steps_per_epoch: int):
+    def __init__(self, ctx, model: nn.Module, masks: dict, opt, steps_per_epoch: int, scaler=None):
         self.ctx, self.model, self.masks, self.opt = ctx, model, masks, opt
+        self.scaler = scaler
         self.steps_per_epoch = steps_per_epoch
         self.epoch = 0  # the epoch in progress (0-based)
         self.step = 0  # steps of it done
@@ -211,10 +242,19 @@ class _Run:
         self.step = 0
         self._zero()
 
+    def _sums(self) -> torch.Tensor:
+        """(loss sum, correct, seen) of the epoch so far over every rank (a collective under DDP)."""
+        t = torch.stack([self.loss_sum.double(), self.correct.double(), torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss_sum.device)])
+        return self.ctx.dist.sum_(t)
+
+    def totals(self) -> tuple[float, int, int]:
+        loss_sum, correct, seen = self._sums().tolist()
+        return loss_sum, int(correct), int(seen)
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
-    def payload(self) -> dict:
+    def payload(self, sums: torch.Tensor) -> dict:
         return {
             "stage": self.ctx.stage_id,
             "epoch": self.epoch,
@@ -225,15 +265,20 @@ class _Run:
             "optimizer": self.opt.state_dict(),
             "rng": checkpoint.rng_state(),
             "metrics": list(self.metrics),
-            "running": {"loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu(), "seen": self.seen, "skipped": self.skipped},
+            # summed over ranks: rank 0 carries them on after a resume, the others start from zero
+            "running": {"loss_sum": sums[0].to("cpu", torch.float32), "correct": sums[1].to("cpu", torch.long),
+                        "seen": int(sums[2]), "skipped": self.skipped},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "elapsed": self.elapsed(),
         }
 
     def save(self) -> None:
+        """Every rank calls this at the same points; rank 0 writes."""
+        sums = self._sums()
         if not self.ctx.dist.is_main:
             return
         self.saves += 1
-        self.last_saved = checkpoint.save(self.ctx.dir, self.ctx.key, self.payload(), count=self.saves)
+        self.last_saved = checkpoint.save(self.ctx.dir, self.ctx.key, self.payload(sums), count=self.saves)
 
     def interrupt(self, signame: str, save: bool = True) -> None:
         if save:
@@ -263,9 +308,13 @@ class _Run:
             self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
             self.metrics = list(ck["metrics"])
             r = ck["running"]
-            self.loss_sum = r["loss_sum"].to(self.ctx.device)
-            self.correct = r["correct"].to(self.ctx.device)
-            self.seen, self.skipped = int(r["seen"]), int(r["skipped"])
+            self.skipped = int(r["skipped"])
+            if self.ctx.dist.is_main:  # the sums were over every rank: one rank carries them on
+                self.loss_sum = r["loss_sum"].to(self.ctx.device)
+                self.correct = r["correct"].to(self.ctx.device)
+                self.seen = int(r["seen"])
+            if self.scaler is not None and ck.get("scaler"):
+                self.scaler.load_state_dict(ck["scaler"])
             self.elapsed_before = float(ck["elapsed"])
         except ArtifactError as e:
             raise ArtifactError(f"{path}: cannot resume from this checkpoint: {e.message}. Run with --restart to start afresh.") from None
@@ -275,3 +324,41 @@ class _Run:
         self.last_saved = path
         at = f"epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}" if self.epoch < self.ctx.params.epochs else "the end of training"
         self.ctx.log(f"[bold]resuming[/] {self.ctx.stage_id} from {path} at {at}")
+
+
+class _ScaledStep:
+    """fp16: the optimizer steps through torch's GradScaler (gradients unscaled first; a step with
+    non-finite gradients is skipped and the scale lowered). GradScaler drives torch optimizers by
+    their `param_groups` and `step()`; `_View` gives it ours."""
+
+    class _View:
+        def __init__(self, opt, params: list):
+            self.opt = opt
+            self.param_groups = [{"params": params}]
+
+        def step(self):
+            self.opt.step()
+
+    def __init__(self, opt, params: list, scaler):
+        self.scaler = scaler
+        self.view = self._View(opt, params)
+
+    def step(self) -> None:
+        self.scaler.step(self.view)
+        self.scaler.update()
+
+
+def _check_ranks_agree(ctx, model: nn.Module, masks: dict) -> dict:
+    """Under DDP: digests of every rank's final weights and masks, compared. They must be bitwise
+    equal (same start, all-reduced gradients, rank 0's buffers); a difference is a bug or a
+    non-deterministic plugin, and fails the stage rather than saving rank 0's model silently."""
+    if not ctx.dist.enabled:
+        return {}
+    mine = {"weights": state_digest(model.state_dict()), "masks": state_digest(masks)}
+    every = ctx.dist.gather_object(mine)
+    out = {"world_size": ctx.dist.world_size, "rank_digests": {k: [d[k] for d in every] for k in mine}}
+    for k in mine:
+        if len(set(out["rank_digests"][k])) != 1:
+            raise TrainingError(f"stage {ctx.stage_id}: the ranks' final {k} differ ({', '.join(d[:12] for d in out['rank_digests'][k])}); "
+                                f"a plugin computes differently on different ranks")
+    return out

@@ -1,0 +1,155 @@
+"""Images per second of the train stage on cifar_resnet18 against a bare PyTorch loop.
+
+In one process, alternating, on the same data (a generated 32x32 image folder read by the
+`imagefolder` plugin with its training augmentation), the same model (the `cifar_resnet18` plugin,
+Kaiming-normal) and the same optimizer (the `bop` plugin: Bop for the weights, SGD for the rest):
+  (a) bare - a hand-written loop: DataLoader, forward, loss, backward, step, and a validation pass
+             per epoch, nothing else;
+  (b) pab  - `pab_framework.pipeline.run_spec` on a spec with one train stage: its wall time,
+             with everything the stage does besides (checkpoint every epoch, metrics.jsonl,
+             non-finite checks, running sums, progress).
+images/s = training images x epochs / wall time. overhead = bare/pab - 1 (goal <= 0.05). Best of
+--reps alternating repetitions (this machine is shared: the best run is the least disturbed).
+With --nproc N (N > 1) it also runs `pab run --nproc N` and reports the scaling over one process.
+
+    python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pab_framework.context import StageContext  # noqa: E402
+from pab_framework.modelutil import prunable_parameters  # noqa: E402
+from pab_framework.optim import OptimizerContext  # noqa: E402
+from pab_framework.pipeline import run_spec  # noqa: E402
+from pab_framework.spec import load_spec  # noqa: E402
+from pab_framework.yamlio import dump_yaml  # noqa: E402
+
+
+def make_images(root: Path, n_train: int, n_val: int, classes: int = 10) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            d = root / split / f"c{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(d / f"{i}.png")
+
+
+def spec_dict(data_root: Path, out: Path, width: int, batch: int, epochs: int, device: str) -> dict:
+    return {
+        "name": "throughput",
+        "seed": 0,
+        "model": {"name": "cifar_resnet18", "width": width, "init": "kaiming_normal"},
+        "data": {"name": "imagefolder", "root": str(data_root), "image_size": 32, "batch_size": batch},
+        "stages": {"train": {"kind": "train", "epochs": epochs,
+                             "optimizer": {"name": "bop", "ar": 1e-3, "tau": 1e-6,
+                                           "rest": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}}}},
+        "runtime": {"device": device, "output_dir": str(out), "progress": "none"},
+    }
+
+
+def bare(spec, epochs: int) -> tuple[float, int]:
+    """The same model, optimizer and data in a loop with nothing else; (seconds, training images)."""
+    t0 = time.perf_counter()
+    device = torch.device(spec.runtime.device)
+    st = spec.stages["train"]
+    ctx = StageContext(spec, "train", st, "", Path("."), {}, device, None)  # only its builders are used
+    model = ctx.build_model().to(device)
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_parameters(model).items()}
+    named = list(model.named_parameters())
+    module_of = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
+    train_ds, val_ds = ctx.dataset("train"), ctx.dataset("val")
+    g = torch.Generator().manual_seed(0)
+    train = torch.utils.data.DataLoader(train_ds, batch_size=spec.data.batch_size, shuffle=True, generator=g)
+    val = torch.utils.data.DataLoader(val_ds, batch_size=spec.data.batch_size)
+    call = st.params.optimizer
+    opt = call.plugin.build(call.params, OptimizerContext(named, masks, epochs, len(train), module_of))
+    loss_fn = nn.CrossEntropyLoss()
+    n = 0
+    for epoch in range(epochs):
+        model.train()
+        for x, y in train:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            n += y.numel()
+        opt.epoch_end(epoch)
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(x.to(device)).argmax(1) == y.to(device)).sum()) for x, y in val)
+        assert 0 <= correct <= len(val_ds)
+    return time.perf_counter() - t0, n
+
+
+def pab(spec) -> tuple[float, int]:
+    (out,) = run_spec(spec, force=True)
+    return out.wall_s, len(spec.data.plugin.build(spec.data.params, "train", base_dir=spec.base_dir)) * spec.stages["train"].params.epochs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a narrow model and fewer images (a minute or two on 2 CPU cores)")
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=1, help="also time `pab run --nproc N` (N > 1) for the scaling")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    width, n_train, batch = (16, 384, 64) if a.quick else (64, 2048, 128)
+    n_val = n_train // 4
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_images(tmp / "data", n_train, n_val)
+        sd = spec_dict(tmp / "data", tmp / "runs", width, batch, a.epochs, a.device)
+        (tmp / "spec.yaml").write_text(dump_yaml(sd))
+        spec = load_spec(tmp / "spec.yaml")
+        bare(spec, 1)  # warm-up: allocator, kernels, file cache
+        times = {"bare": [], "pab": []}
+        for r in range(a.reps):  # ABBA order: a drift in the machine's load hits both alike
+            for which in (("bare", "pab") if r % 2 == 0 else ("pab", "bare")):
+                s, n = bare(spec, a.epochs) if which == "bare" else pab(spec)
+                times[which].append(n / s)
+        bare_img_s, pab_img_s = max(times["bare"]), max(times["pab"])
+        rows = [("bare loop", bare_img_s, times["bare"]), ("pab train stage", pab_img_s, times["pab"])]
+        figs = {"bare_img_s": round(bare_img_s, 2), "pab_img_s": round(pab_img_s, 2), "overhead": round(bare_img_s / pab_img_s - 1, 4)}
+        if a.nproc > 1:
+            env = dict(os.environ)
+            env.pop("WORLD_SIZE", None)
+            best = 0.0
+            for _ in range(max(1, a.reps - 1)):
+                t = time.perf_counter()
+                p = subprocess.run([sys.executable, "-m", "pab_framework", "run", str(tmp / "spec.yaml"), "--nproc", str(a.nproc), "--force",
+                                    "--progress", "none"], cwd=ROOT, env=env, capture_output=True, text=True)
+                if p.returncode != 0:
+                    sys.exit(f"pab run --nproc {a.nproc} failed:\n{p.stderr[-3000:]}")
+                (res,) = (tmp / "runs" / "throughput").glob("train-*/result.json")
+                best = max(best, n_train * a.epochs / json.loads(res.read_text())["wall_s"])
+            rows.append((f"pab train stage, {a.nproc} processes", best, []))
+            figs.update({f"pab_img_s_nproc{a.nproc}": round(best, 2), "scaling": round(best / pab_img_s, 3)})
+    print(f"cifar_resnet18 (width {width}), {n_train} training + {n_val} validation images of 32x32, batch {batch}, "
+          f"{a.epochs} epochs, device {a.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'':32} {'images/s (best)':>16}   all repetitions")
+    for name, v, allv in rows:
+        print(f"{name:32} {v:16.2f}   {' '.join(f'{x:.2f}' for x in allv)}")
+    print(f"overhead bare/pab - 1 = {figs['overhead']:+.2%} (goal <= +5%)" + (f"; scaling with {a.nproc} processes x{figs['scaling']}" if a.nproc > 1 else ""))
+    print(json.dumps(figs))
+
+
+if __name__ == "__main__":
+    main()
