@@ -7,6 +7,7 @@ every pruner shares one tested implementation of the part that is easy to get su
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,9 @@ class PruneInputs:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float64
     seed: int = 0
+    # float64 views, one per prunable weight, that a pruner may write its scores into (and
+    # return), sparing the framework a copy; set by `prune`
+    scores_out: dict[str, torch.Tensor] | None = None
 
 
 def density_at(k: int, iterations: int, density: float, schedule: str) -> float:
@@ -44,40 +48,66 @@ def kept_count(density: float, n: int) -> int:
     return n - int((1.0 - density) * n)
 
 
-def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of flat (1 <= k <= numel), exactly.
+def _bracket(flat: torch.Tensor, k: int, valid: torch.Tensor | None = None):
+    """Where the k-th largest valid value of `flat` lies, without sorting millions of values.
 
-    A full `kthvalue` over millions of scores is the slow part of pruning; instead, the sorted
-    values of a fixed random sample bracket the answer, two comparison passes count what lies
-    above the bracket, and `kthvalue` runs on the few values inside it. Falls back to the full
-    `kthvalue` when the bracket misses (never wrong, only slower)."""
+    The sorted values of a fixed random sample bracket the answer [lo, hi]; two comparison passes
+    find what lies above hi and what lies inside the bracket. Returns (above, idx, vals, need):
+    the bool mask of valid values above hi, the positions (ascending) and values of the valid
+    entries inside the bracket, and which largest value of the bracket the answer is. None when
+    `flat` is small or the bracket misses (the caller then falls back to a full `kthvalue`).
+    NaN and invalid entries count as the lowest values (-inf)."""
     n = flat.numel()
     if n <= 1 << 16:
-        return torch.kthvalue(flat, n - k + 1).values
-    m = 1 << 14
+        return None
+    m = 1 << 16
     g = torch.Generator(device="cpu").manual_seed(n)
-    sample = flat[torch.randint(0, n, (m,), generator=g).to(flat.device)].sort().values
-    q = (n - k) / n  # fraction below the threshold
-    slack = 6.0 / m**0.5
+    at = torch.randint(0, n, (m,), generator=g).to(flat.device)
+    sample = torch.nan_to_num(flat[at], nan=float("-inf"))
+    if valid is not None:
+        sample.masked_fill_(~valid[at], float("-inf"))
+    sample = sample.sort().values
+    q = (n - k) / n  # fraction below the answer
+    slack = 5.0 / m**0.5
     lo = sample[max(0, int((q - slack) * m))]
     hi = sample[min(m - 1, int((q + slack) * m) + 1)]
     if bool(torch.isinf(lo)) and lo < 0:
-        # pruned weights score -inf; the threshold lies among the survivors (density only falls),
+        # pruned weights count as -inf; the answer lies among the survivors (density only falls),
         # so the bracket starts at the smallest finite value sampled
         finite = sample[sample > float("-inf")]
-        lo = finite[0] if finite.numel() else lo
-    above_hi = int(torch.count_nonzero(flat > hi))
-    in_band = (flat >= lo) & (flat <= hi)
-    band_n = int(torch.count_nonzero(in_band))
-    need = k - above_hi  # the need-th largest inside [lo, hi]
-    if 1 <= need <= band_n:
-        band = flat[in_band]
-        return torch.kthvalue(band, band_n - need + 1).values
-    return torch.kthvalue(flat, n - k + 1).values
+        if not finite.numel():
+            return None
+        lo = finite[0]
+    above = flat > hi
+    band = flat >= lo
+    if valid is not None:
+        above &= valid
+        band &= valid
+    band ^= above  # lo <= value <= hi
+    need = k - int(torch.count_nonzero(above))
+    idx = torch.nonzero(band, as_tuple=False).reshape(-1)
+    if not 1 <= need <= idx.numel():
+        return None
+    return above, idx, flat[idx], need
 
 
-def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Bool mask keeping exactly `n_keep` of the highest scores (flattened; NaN counts as lowest).
+def _lowest_invalid(flat: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    flat = torch.nan_to_num(flat, nan=float("-inf"))
+    return flat if valid is None else flat.masked_fill_(~valid, float("-inf"))
+
+
+def _kth_largest(flat: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The k-th largest value of flat (1 <= k <= numel), exactly; entries not `valid` count as -inf."""
+    b = _bracket(flat, k, valid)
+    if b is None:
+        return torch.kthvalue(_lowest_invalid(flat, valid), flat.numel() - k + 1).values
+    _, _, vals, need = b
+    return torch.kthvalue(vals, vals.numel() - need + 1).values
+
+
+def keep_top(scores: torch.Tensor, n_keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask keeping exactly `n_keep` of the highest scores (flattened; NaN, and entries that
+    are not `valid`, count as the lowest: -inf).
 
     Ties at the threshold are broken by position (lower index kept first), so the count is exact
     and the result is the same on every run and device.
@@ -88,36 +118,63 @@ def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     if n_keep <= 0:
         return torch.zeros(n, dtype=torch.bool, device=scores.device)
     flat = scores.reshape(-1)
-    if bool(torch.isnan(flat).any()):
-        flat = torch.nan_to_num(flat, nan=float("-inf"))
-    thr = _kth_largest(flat.cpu() if flat.device.type == "mps" else flat, n_keep).to(flat.device)
-    keep = flat > thr
-    deficit = n_keep - int(torch.count_nonzero(keep))
+    valid = None if valid is None else valid.reshape(-1)
+    if flat.device.type == "mps":  # no kthvalue there
+        return keep_top(flat.cpu(), n_keep, None if valid is None else valid.cpu()).to(flat.device)
+    b = _bracket(flat, n_keep, valid)
+    if b is None:
+        flat = _lowest_invalid(flat, valid)
+        thr = torch.kthvalue(flat, n - n_keep + 1).values
+        keep = flat > thr
+        deficit = n_keep - int(torch.count_nonzero(keep))
+        if deficit > 0:
+            keep[torch.nonzero(flat == thr, as_tuple=False).reshape(-1)[:deficit]] = True
+        return keep
+    # everything above the bracket, then the part of the bracket above the threshold, then as
+    # many ties (by position) as the count needs: the same result as `flat > thr` plus ties
+    keep, idx, vals, need = b
+    thr = torch.kthvalue(vals, vals.numel() - need + 1).values
+    over = vals > thr
+    keep[idx[over]] = True
+    deficit = need - int(torch.count_nonzero(over))
     if deficit > 0:
-        ties = torch.nonzero(flat == thr, as_tuple=False).reshape(-1)[:deficit]
-        keep[ties] = True
+        keep[idx[vals == thr][:deficit]] = True
     return keep
 
 
-def select_masks(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
-    """New masks keeping `density` of the weights by score; pruned weights stay pruned.
+class _Layout:
+    """The prunable tensors laid end to end in one flat vector (module order)."""
 
-    `global`: one threshold over all the given layers, `local`: each layer keeps its share. Pruned
-    weights score -inf, so they are the first to go and never come back while density falls."""
-    names = list(scores)
-    if not names:
-        return {}
-    if scope == "local":
-        return {n: keep_top(scores[n].masked_fill(~masks[n], float("-inf")), kept_count(density, masks[n].numel())).reshape(masks[n].shape) for n in names}
-    flat = torch.cat([scores[n].reshape(-1).to(torch.float64) for n in names])
-    flat.masked_fill_(~torch.cat([masks[n].reshape(-1) for n in names]), float("-inf"))
-    keep = keep_top(flat, kept_count(density, flat.numel()))
-    out, i = {}, 0
-    for n in names:
-        k = masks[n].numel()
-        out[n] = keep[i : i + k].reshape(masks[n].shape)
-        i += k
-    return out
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.names = list(tensors)
+        self.shapes = {n: t.shape for n, t in tensors.items()}
+        self.span: dict[str, tuple[int, int]] = {}
+        o = 0
+        for n, t in tensors.items():
+            self.span[n] = (o, o + t.numel())
+            o += t.numel()
+        self.numel = o
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: flat[a:b].view(self.shapes[n]) for n, (a, b) in self.span.items()}
+
+    def select(self, scores: torch.Tensor, keep: torch.Tensor, group: list[str], density: float) -> torch.Tensor:
+        """Keep `density` of the weights of `group` (one threshold over them) by `scores`, among
+        those `keep` still keeps; returns the group's new keep mask, its layers end to end."""
+        spans = [self.span[n] for n in group]
+        if all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1)):
+            a, b = spans[0][0], spans[-1][1]
+            part, valid = scores[a:b], keep[a:b]
+        else:
+            part, valid = torch.cat([scores[a:b] for a, b in spans]), torch.cat([keep[a:b] for a, b in spans])
+        return keep_top(part, kept_count(density, part.numel()), valid)
+
+    def put(self, keep: torch.Tensor, group: list[str], got: torch.Tensor) -> None:
+        i = 0
+        for n in group:
+            a, b = self.span[n]
+            keep[a:b] = got[i : i + b - a]
+            i += b - a
 
 
 def prune(
@@ -136,15 +193,19 @@ def prune(
     weights; `model` is untouched. The prunable parameters are the Conv2d/Linear weights, plus
     biases and BatchNorm weights when `call.prune_bias` / `call.prune_batchnorm`. With
     `call.classifier_density`, the classifier layer follows its own density schedule and the
-    others share the rest.
+    others share the rest. Pruned weights score -inf, so they are the first to go and never come
+    back while density falls; `global` scope puts one threshold over all layers, `local` keeps
+    each layer's share.
+
+    The copy's prunable weights, the scores and the masks each live in one flat vector (the
+    parameters are views of it), so masking the weights, marking the pruned and choosing the
+    threshold are a few passes over one vector, not a loop of per-layer copies and concatenations.
     """
     work = copy.deepcopy(model).to(device=inputs.device, dtype=inputs.dtype)
     work.train(bool(getattr(call, "train_mode", False)))
     params = prunable_parameters(work, bias=getattr(call, "prune_bias", False), batchnorm=getattr(call, "prune_batchnorm", False))
-    original = {n: p.detach().clone() for n, p in params.items()}
-    if masks is None:
-        masks = {}
-    masks = {n: (masks[n].to(inputs.device) if n in masks else torch.ones_like(p, dtype=torch.bool)) for n, p in params.items()}
+    if len({id(p) for p in params.values()}) != len(params):
+        raise PabError("the model shares one weight tensor between prunable layers; pruning needs each layer's own weights")
     cls_density = getattr(call, "classifier_density", None)
     cls = classifier_name(work, inputs.num_classes) if cls_density is not None else None
     if cls_density is not None and cls not in params:
@@ -155,25 +216,46 @@ def prune(
         with torch.no_grad():
             for t in {id(t): t for t in work.state_dict(keep_vars=True).values() if t.is_floating_point()}.values():
                 t.abs_()
-        original = {n: p.detach().clone() for n, p in params.items()}
+    lay = _Layout(params)
+    weights = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    for n, v in lay.views(weights).items():
+        params[n].data = v
+    keep = torch.ones(lay.numel, dtype=torch.bool, device=inputs.device)
+    if masks:
+        for n, v in lay.views(keep).items():
+            if n in masks:
+                v.copy_(masks[n])
+    keep_f = torch.empty_like(weights)  # keep as 0/1 in the weights' dtype: masking is one multiply
+    scores = torch.empty(lay.numel, dtype=torch.float64, device=inputs.device)
+    inputs = dataclasses.replace(inputs, scores_out=lay.views(scores))
+    if cls is None:
+        groups = [[n] for n in lay.names] if call.scope == "local" else [lay.names]
+    else:
+        rest = [n for n in lay.names if n != cls]
+        groups = [[n] for n in rest] if call.scope == "local" else [rest]
     for k in range(1, call.iterations + 1):
         with torch.no_grad():
-            for n, p in params.items():  # the current masks on the original weights
-                p.copy_(original[n]).masked_fill_(~masks[n], 0)
-        scores = pruner.score(pruner_params, work, params, inputs)
-        missing = set(params) - set(scores)
-        if missing:
-            raise PabError(f"pruner {call.name!r} returned no score for {sorted(missing)[:3]}")
-        scores = {n: scores[n].detach() for n in params}
-        d = density_at(k, call.iterations, call.density, call.schedule)
-        if cls is None:
-            masks = select_masks(scores, masks, d, call.scope)
-        else:
-            rest = [n for n in params if n != cls]
-            dc = density_at(k, call.iterations, cls_density, call.schedule)
-            new = select_masks({n: scores[n] for n in rest}, masks, d, call.scope)
-            new.update(select_masks({cls: scores[cls]}, masks, dc, "local"))
-            masks = {n: new[n] for n in params}
+            weights.mul_(keep_f.copy_(keep))  # the current masks on the weights
+        got = pruner.score(pruner_params, work, params, inputs)
+        with torch.no_grad():
+            missing = set(params) - set(got)
+            if missing:
+                raise PabError(f"pruner {call.name!r} returned no score for {sorted(missing)[:3]}")
+            for n, v in inputs.scores_out.items():  # a pruner may write into scores_out itself
+                s = got[n].detach()
+                if s.data_ptr() != v.data_ptr():
+                    v.copy_(s.reshape(v.shape))
+            # pruned weights count as -inf: they are the first to go and never come back
+            d = density_at(k, call.iterations, call.density, call.schedule)
+            if groups == [lay.names]:
+                new = lay.select(scores, keep, lay.names, d)
+            else:
+                new = torch.empty_like(keep)
+                for group in groups:
+                    lay.put(new, group, lay.select(scores, keep, group, d))
+                if cls is not None:
+                    lay.put(new, [cls], lay.select(scores, keep, [cls], density_at(k, call.iterations, cls_density, call.schedule)))
+            keep = new
         if on_round:
             on_round(k, d)
-    return {n: m.cpu() for n, m in masks.items()}
+    return {n: v.to("cpu", copy=True) for n, v in lay.views(keep).items()}

@@ -140,6 +140,78 @@ def test_kth_largest_bracketing_is_exact_on_large_inputs():
         assert int(masking.keep_top(x, k).sum()) == k
 
 
+class Split(nn.Module):
+    """~100k prunable weights (so thresholds take the sampled-bracket path), with the classifier
+    registered between two body layers: the layers other than the classifier are not contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(50, 300)
+        self.fc = nn.Linear(40, 3)
+        self.b = nn.Sequential(nn.ReLU(), nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 40))
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x.flatten(1))))
+
+
+def reference_prune(model, pruner, c, inp):
+    """The masking rules written out per layer: masked weights, pruned scores -inf, one threshold
+    per group by a stable descending sort (ties: lower position first), n - int((1-d) n) kept."""
+    work = copy.deepcopy(model).double().eval()
+    params = prunable_parameters(work)
+    orig = {n: p.detach().clone() for n, p in params.items()}
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+    cls = "fc.weight"
+    for k in range(1, c.iterations + 1):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(orig[n] * masks[n])
+        sc = {n: v.detach().double().masked_fill(~masks[n], float("-inf")) for n, v in pruner.score(pruner.Params(), work, params, inp).items()}
+        d = masking.density_at(k, c.iterations, c.density, c.schedule)
+        groups = [([n for n in params if n != cls], d)] if c.scope == "global" else [([n], d) for n in params if n != cls]
+        groups.append(([cls], masking.density_at(k, c.iterations, c.classifier_density, c.schedule)))
+        new = {}
+        for names, dd in groups:
+            flat = torch.cat([sc[n].reshape(-1) for n in names])
+            keep = torch.zeros(flat.numel(), dtype=torch.bool)
+            keep[torch.sort(flat, descending=True, stable=True).indices[: masking.kept_count(dd, flat.numel())]] = True
+            i = 0
+            for n in names:
+                new[n] = keep[i : i + masks[n].numel()].reshape(masks[n].shape)
+                i += masks[n].numel()
+        masks = new
+    return masks
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+@pytest.mark.parametrize("pruner", [GraSP(), SNIP()], ids=["grasp", "snip"])
+def test_flat_masking_matches_the_rules_written_out(scope, pruner):
+    net = Split()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 50, generator=g), torch.randint(0, 3, (16,), generator=g))]
+    c = call(name="x", density=0.1, iterations=3, scope=scope, classifier_density=0.5)
+    got = masking.prune(net, pruner, pruner.Params(), c, inputs(batches, shape=(50,)))
+    want = reference_prune(net, pruner, c, inputs(batches, shape=(50,)))
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+        assert got[n].untyped_storage().nbytes() == got[n].numel(), "each mask owns its storage (no view of the flat vector)"
+
+
+def test_keep_top_among_valid_entries_only():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200_000, generator=g, dtype=torch.float64)
+    valid = torch.rand(200_000, generator=g) < 0.6
+    x[~valid] = 1e9  # invalid entries must lose even with the highest scores
+    x[5:50] = float("nan")
+    for k in (10, 50_000, 119_000):
+        keep = masking.keep_top(x, k, valid)
+        want = torch.zeros_like(valid)
+        want[torch.sort(torch.nan_to_num(x.masked_fill(~valid, float("-inf")), nan=float("-inf")), descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(keep, want), k
+
+
 def test_global_density_exact_and_deterministic():
     net = tiny_net()
     a = masking.prune(net, Magnitude(), Magnitude.Params(), call(name="magnitude", density=0.3, iterations=3), inputs())

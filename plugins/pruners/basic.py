@@ -29,7 +29,17 @@ class SynFlow:
         x = torch.ones((1, *inputs.input_shape), dtype=inputs.dtype, device=inputs.device)
         r = model(x).sum()
         grads = torch.autograd.grad(r, weights, allow_unused=True)
-        return {n: (g * w).detach().abs_() if g is not None else torch.zeros_like(w) for n, w, g in zip(names, weights, grads)}
+        out = inputs.scores_out or {}
+        scores = {}
+        with torch.no_grad():
+            for n, w, g in zip(names, weights, grads):
+                if g is None:
+                    scores[n] = torch.zeros_like(w)
+                elif n in out:  # straight into the framework's flat score vector
+                    scores[n] = torch.mul(g, w, out=out[n]).abs_()
+                else:
+                    scores[n] = (g * w).abs_()
+        return scores
 
 
 class Magnitude:
