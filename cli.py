@@ -106,12 +106,18 @@ def run(
 
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="The experiment spec (YAML)."), set_: Optional[List[str]] = SetOpt, debug: bool = DebugOpt):
-    """Check SPEC without running it: exit 0 when valid, 2 with the problems otherwise."""
+    """Check SPEC (or a grid file, every run of it) without running it: exit 0 when valid, 2 with the problems otherwise."""
     from pab_framework.errors import PabError
     from pab_framework.pipeline import plan
     from pab_framework.spec import load_spec
 
+    from pab_framework import grid as G
+
     try:
+        if G.looks_like_grid(spec):  # a grid file: validate every run it expands to
+            g = G.load_grid(spec, set_ or [])
+            out.print(f"{spec}: a valid grid ({len(g.runs)} runs of {_rel(g.base)}); `pab grid {spec} --dry-run` shows the runs and the stages they share")
+            return
         s = load_spec(spec, set_ or [])
     except PabError as e:
         _fail(e, debug)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PabError, Problem, SpecError
@@ -211,6 +212,16 @@ def _check_section(loaded: LoadedYaml, section: str, source: str, lists: bool) -
     return out, problems
 
 
+def looks_like_grid(path: str | Path) -> bool:
+    """Whether `path` is a grid file (a mapping with `base:` and `grid:` or `zip:`), not a spec.
+    False for anything unreadable: loading it as a spec then reports the problem."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "base" in data and ("grid" in data or "zip" in data)
+
+
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     """Read a grid file, expand it, and validate every run; the first invalid run stops it
     (GridError naming the run and the key, with the file and line of the value that set it)."""
@@ -299,6 +310,11 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
                     except SpecError as e:
                         raise _grid_error([Problem(p.path, p.message, where.line, where.source) for p in e.problems]) from None
             spec = spec_from_dict(run_data, source=str(base), loaded=base_loaded, base_dir=base.resolve().parent)
+            if spec.runtime.nproc_per_node > 1:  # grid runs are single processes: never ignore it silently
+                path_ = ("runtime", "nproc_per_node")
+                raise SpecError([Problem(path_, f"is {spec.runtime.nproc_per_node}, but a grid runs each run in one process; set it to 1 "
+                                         "for the grid (`--set runtime.nproc_per_node=1`), or run a multi-process spec with `pab run --nproc`",
+                                         base_loaded.line_of(path_), str(base))])
         except SpecError as e:
             probs = []
             for p in e.problems:

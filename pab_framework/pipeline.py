@@ -37,9 +37,10 @@ def pick_device(spec: ExperimentSpec, dist: DistInfo) -> torch.device:
     return distributed.pick_device(spec.runtime, dist)
 
 
-def plan(spec: ExperimentSpec) -> list[tuple[str, str, Path, bool]]:
-    """(stage id, key, directory, complete?) in the order the stages run."""
-    keys = stage_keys(spec)
+def plan(spec: ExperimentSpec, world_size: int | None = None) -> list[tuple[str, str, Path, bool]]:
+    """(stage id, key, directory, complete?) in the order the stages run on `world_size` processes
+    (default: runtime.nproc_per_node)."""
+    keys = stage_keys(spec, world_size)
     order = topological_order({sid: list(st.after) for sid, st in spec.stages.items()})
     return [(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
 
@@ -83,7 +84,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
     outcomes: dict[str, StageOutcome] = {}
     # under DDP rank 0 decides what is complete (every rank must take the same path) and every
     # rank reads what it wrote only after a barrier
-    steps = dist.broadcast_object([(sid, key, str(sdir), complete) for sid, key, sdir, complete in plan(spec)])
+    steps = dist.broadcast_object([(sid, key, str(sdir), complete) for sid, key, sdir, complete in plan(spec, dist.world_size)])
     for sid, key, sdir, complete in steps:
         sdir = Path(sdir)
         st = spec.stages[sid]

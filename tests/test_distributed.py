@@ -259,6 +259,25 @@ def test_runtime_options_are_validated(write_spec):
                       DistInfo(rank=0, world_size=2), torch.device("cpu"))
 
 
+def test_stage_keys_follow_what_runtime_changes_in_the_result(write_spec):
+    from pab_framework.graph import stage_keys
+
+    def keys(extra="", world_size=None):
+        return stage_keys(load_spec(write_spec(SPEC.replace("progress: plain", "progress: plain" + extra))), world_size)
+
+    base = keys()
+    # a global batch means the same on any number of processes: results are shared
+    assert keys(", nproc_per_node: 2") == base == keys(world_size=4)
+    # a per-rank batch on 2 processes is a different global batch: training is keyed apart,
+    # pruning (which does not shard) is shared
+    per_rank = keys(", batch_size_is: per_rank", world_size=2)
+    assert per_rank["prune"] == base["prune"] and per_rank["train"] != base["train"]
+    assert keys(", batch_size_is: per_rank", world_size=1) == base
+    assert keys(", batch_size_is: per_rank, nproc_per_node: 2")["train"] == per_rank["train"]
+    amp = keys(", amp: bf16")
+    assert amp["prune"] == base["prune"] and amp["train"] != base["train"]
+
+
 def test_state_digest_sees_one_bit():
     a = {"w": torch.randn(5, 5), "m": torch.ones(3, dtype=torch.bool)}
     b = {k: v.clone() for k, v in a.items()}

@@ -93,6 +93,22 @@ def test_a_bad_combination_stops_the_grid_naming_run_key_and_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_multi_process_base_is_refused_not_run_in_one_process(tmp_path):
+    p = _write(tmp_path, "base: spec.yaml\ngrid:\n  seed: [0, 1]\nset:\n  runtime.nproc_per_node: 2\n")
+    with pytest.raises(G.GridError, match=r"grid.yaml:5, runtime.nproc_per_node: is 2, but a grid runs each run in one process"):
+        G.load_grid(p)
+    assert len(G.load_grid(p, ["runtime.nproc_per_node=1"]).runs) == 2
+
+
+def test_pab_validate_checks_a_grid_file_run_by_run(tmp_path):
+    p = _write(tmp_path, "base: spec.yaml\ngrid:\n  seed: [0, 1]\n  stages.prune.pruner.density: [0.3, 0.5]\n")
+    res = _cli("validate", str(p))
+    assert res.exit_code == 0 and "a valid grid (4 runs of" in res.output
+    p.write_text("base: spec.yaml\ngrid:\n  stages.prune.pruner.density: [0.3, 1.5]\n")
+    res = _cli("validate", str(p))
+    assert res.exit_code == 2 and "run 2 of 2" in res.output and f"{p}:3" in res.output and "Traceback" not in res.output
+
+
 def test_grid_file_problems(tmp_path):
     p = _write(tmp_path, "base: nowhere.yaml\ngird: {seed: [0]}\n")
     with pytest.raises(G.GridError, match="did you mean 'grid'"):

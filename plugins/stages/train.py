@@ -53,6 +53,9 @@ class TrainStage:
     where the last checkpoint left off. SIGTERM/SIGINT write a checkpoint at the next step boundary
     and stop with exit code 3."""
 
+    # AMP and a per-rank batch's global size change what training computes: part of the key
+    runtime_in_key = True
+
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
         epochs: int = Field(..., ge=1, le=100_000, description="Training epochs.")
