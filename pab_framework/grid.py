@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PabError, Problem, SpecError
@@ -216,8 +215,8 @@ def looks_like_grid(path: str | Path) -> bool:
     """Whether `path` is a grid file (a mapping with `base:` and `grid:` or `zip:`), not a spec.
     False for anything unreadable: loading it as a spec then reports the problem."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = load_yaml_file(path).data  # the spec loader's guards (size, depth, tags) apply
+    except PabError:
         return False
     return isinstance(data, dict) and "base" in data and ("grid" in data or "zip" in data)
 

@@ -85,6 +85,27 @@ def test_two_processes_train_like_one(tmp_path, write_spec):
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["val_n"] == rows1[-1]["val_n"] == 359  # every val example once
 
 
+@pytest.mark.slow
+def test_the_quickstart_itself_on_two_processes(tmp_path):
+    """configs/quickstart.yaml as shipped (SynFlow, Bop, PSG, BatchNorm) on 2 processes: the ranks
+    agree bitwise, the masks are the single process's, the accuracy within 2 points of it."""
+    from pab_framework.progress import Reporter
+
+    qs = CONFIGS / "quickstart.yaml"
+    p, _ = pab("run", qs, "--nproc", 2, "--progress", "plain", "--set", f"runtime.output_dir={tmp_path / 'two'}", "--set", "runtime.device=cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = {o.stage_id: o for o in run_spec(load_spec(qs, [f"runtime.output_dir={tmp_path / 'one'}", "runtime.device=cpu"]), reporter=Reporter(mode="none"))}
+    (train2,) = (tmp_path / "two" / "quickstart").glob("train-*")
+    res2 = json.loads((train2 / "result.json").read_text())
+    assert res2["world_size"] == 2 and all(len(set(d)) == 1 for d in res2["rank_digests"].values())
+    _, m1 = artifacts.load_model_artifact(one["prune"].dir / "model.pt")
+    (prune2,) = (tmp_path / "two" / "quickstart").glob("prune-*")
+    _, m2 = artifacts.load_model_artifact(prune2 / "model.pt")
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert abs(res2["val_acc"] - one["train"].result["val_acc"]) <= 0.02
+    assert "psg_kept" in artifacts.read_jsonl(train2 / "metrics.jsonl")[-1]
+
+
 # training alone (dense), so the failure tests reach a training step soon
 TRAIN_ONLY = SPEC.replace("""  prune:
     kind: prune
