@@ -225,16 +225,25 @@ def nan_at(monkeypatch):
     return install
 
 
-def test_nonfinite_loss_stops_naming_epoch_and_step(write_spec, nan_at):
-    spec = write_spec(DENSE)
+@pytest.mark.parametrize("every,ckpt_steps,last", [(1, None, (1, 0)), (4, None, (1, 0)), (100, None, (1, 0)), (100, 2, (1, 2))],
+                         ids=["each-step", "every-4", "at-epoch-end", "before-a-mid-epoch-checkpoint"])
+def test_nonfinite_loss_stops_naming_epoch_and_step(write_spec, nan_at, monkeypatch, every, ckpt_steps, last):
+    # `every`: how often the flag is read on the host (every step on the CPU; every few on a GPU,
+    # simulated here): the same step is named, and nothing non-finite is ever written
+    import plugins.stages.train as train_stage
+
+    monkeypatch.setattr(train_stage, "FINITE_CHECK_EVERY", {"cpu": every})
+    text = DENSE if ckpt_steps is None else DENSE.replace("epochs: 3", f"epochs: 3\n    checkpoint_every_steps: {ckpt_steps}")
+    spec = write_spec(text)
     d = stage_dirs(spec)["train"]
     nan_at(1, 2)
     code, out = cli("run", str(spec))
     assert code == 2, out
-    assert "not finite" in out and "epoch 2, step 3" in out and "checkpoint.pt" in out and "Traceback" not in out
+    assert "not finite (nan)" in out and "epoch 2, step 3" in out and "checkpoint.pt" in out and "Traceback" not in out
     got, _ = checkpoint.load(d, None)
-    assert got["epoch"] == 1 and got["step"] == 0  # the last good checkpoint: end of epoch 1
+    assert (got["epoch"], got["step"]) == last  # the last good checkpoint
     assert all(torch.isfinite(v).all() for v in got["model"].values())
+    assert len(artifacts.read_jsonl(d / "metrics.jsonl")) == 1  # the bad epoch was not logged
 
 
 def test_nonfinite_loss_skip(write_spec, nan_at):

@@ -104,6 +104,8 @@ class TrainStage:
         agree_finite = dist.enabled and skip_bad  # ranks must skip a step together or not at all
         step_opt = _ScaledStep(opt, [q for _, q in named], scaler) if scaler is not None else None
         vote = StopVote(dist)
+        watch = _FiniteWatch(ctx, run, FINITE_CHECK_EVERY.get(ctx.device.type, FINITE_CHECK_EVERY_ACCELERATOR))
+        run.before_save = watch.check
         with checkpoint.StopSignals() as stop, ctx.reporter.task("epoch", total=p.epochs) as ep_task, \
                 ctx.reporter.task("batch", total=len(train)) as b_task:
             ep_task.advance(run.epoch)
@@ -120,17 +122,15 @@ class TrainStage:
                     with ctx.autocast():
                         out = net(x)
                         loss = loss_fn(out, y)
-                    finite = torch.isfinite(loss.detach())
-                    if agree_finite:
-                        finite = dist.min_(finite.to(torch.int32)) > 0
-                    if not bool(finite):
-                        if p.on_nonfinite == "stop":
-                            kept = run.last_saved or "none written yet"
-                            raise TrainingError(
-                                f"stage {ctx.stage_id}: the training loss is not finite ({float(loss.detach())}) at epoch {epoch + 1}, "
-                                f"step {run.step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, "
-                                f"or set on_nonfinite: skip"
-                            )
+                    if skip_bad:  # the step is taken or skipped now: the host must know
+                        finite = torch.isfinite(loss.detach())
+                        if agree_finite:
+                            finite = dist.min_(finite.to(torch.int32)) > 0
+                        finite = bool(finite)
+                    else:  # stop: noted on the device, read every few steps and before any write
+                        watch.record(loss.detach(), epoch, run.step)
+                        finite = True
+                    if not finite:
                         run.skipped += 1
                         if buffers:
                             with torch.no_grad():
@@ -158,6 +158,7 @@ class TrainStage:
                         run.interrupt(signame)
                     if every and run.step % every == 0 and run.step < len(train):
                         run.save()
+                watch.check()  # a non-finite epoch is neither evaluated nor logged
                 dist.broadcast_buffers_(model)  # rank 0's BatchNorm statistics everywhere, for validation and the checkpoint
                 loss_sum, correct, seen = run.totals()
                 train_loss = loss_sum / max(1, seen)
@@ -208,6 +209,50 @@ class TrainStage:
 
 
 FLIPS = "flips.jsonl"
+
+# on_nonfinite: stop reads its flag on the host (waiting for the device) every this many steps:
+# every step on the CPU, where nothing runs ahead; every few on accelerators, so that steps queue
+# up without waiting. The flag is also read before every checkpoint and at every epoch's end.
+FINITE_CHECK_EVERY = {"cpu": 1}
+FINITE_CHECK_EVERY_ACCELERATOR = 32
+
+
+class _FiniteWatch:
+    """Remembers, on the device, the first step since the last check whose loss was not finite
+    (and that loss); `check()` reads it and stops the stage naming the epoch and step. A
+    non-finite step may be followed by a few more before the check, but nothing is written in
+    between: the last good checkpoint is kept."""
+
+    def __init__(self, ctx, run, every: int):
+        self.ctx, self.run, self.every = ctx, run, max(1, every)
+        dev = ctx.device
+        self.first = torch.full((), -1, dtype=torch.long, device=dev)  # index into `steps`
+        self.loss = torch.zeros((), dtype=torch.float32, device=dev)
+        self.n = torch.zeros((), dtype=torch.long, device=dev)
+        self.steps: list[tuple[int, int]] = []  # (epoch, step) of the steps since the last check
+
+    def record(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        new = ~torch.isfinite(loss) & (self.first < 0)
+        self.first = torch.where(new, self.n, self.first)
+        self.loss = torch.where(new, loss.float(), self.loss)
+        self.n += 1
+        self.steps.append((epoch, step))
+        if len(self.steps) >= self.every:
+            self.check()
+
+    def check(self) -> None:
+        if not self.steps:
+            return
+        i = int(self.first)
+        if i >= 0:
+            epoch, step = self.steps[i]
+            kept = self.run.last_saved or "none written yet"
+            raise TrainingError(
+                f"stage {self.ctx.stage_id}: the training loss is not finite ({float(self.loss)}) at epoch {epoch + 1}, "
+                f"step {step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, or set on_nonfinite: skip"
+            )
+        self.steps.clear()
+        self.n.zero_()
 
 
 def _append_epoch_rows(path, epoch: int, rows: list[dict]) -> None:
@@ -275,8 +320,12 @@ class _Run:
             "elapsed": self.elapsed(),
         }
 
+    before_save = None  # a check that must pass before anything is written (non-finite losses)
+
     def save(self) -> None:
         """Every rank calls this at the same points; rank 0 writes."""
+        if self.before_save is not None:
+            self.before_save()
         sums = self._sums()
         if not self.ctx.dist.is_main:
             return
