@@ -228,11 +228,8 @@ def prune(
     keep_f = torch.empty_like(weights)  # keep as 0/1 in the weights' dtype: masking is one multiply
     scores = torch.empty(lay.numel, dtype=torch.float64, device=inputs.device)
     inputs = dataclasses.replace(inputs, scores_out=lay.views(scores))
-    if cls is None:
-        groups = [[n] for n in lay.names] if call.scope == "local" else [lay.names]
-    else:
-        rest = [n for n in lay.names if n != cls]
-        groups = [[n] for n in rest] if call.scope == "local" else [rest]
+    body = [n for n in lay.names if n != cls]  # the layers that share `density` (all but a separate classifier)
+    groups = [[n] for n in body] if call.scope == "local" else [body] if body else []
     for k in range(1, call.iterations + 1):
         with torch.no_grad():
             weights.mul_(keep_f.copy_(keep))  # the current masks on the weights
@@ -245,17 +242,16 @@ def prune(
                 s = got[n].detach()
                 if s.data_ptr() != v.data_ptr():
                     v.copy_(s.reshape(v.shape))
-            # pruned weights count as -inf: they are the first to go and never come back
             d = density_at(k, call.iterations, call.density, call.schedule)
-            if groups == [lay.names]:
-                new = lay.select(scores, keep, lay.names, d)
+            chosen = [(g, d) for g in groups] + ([([cls], density_at(k, call.iterations, cls_density, call.schedule))] if cls else [])
+            # selecting among those `keep` still keeps: pruned weights never come back
+            if len(chosen) == 1:  # one group, every layer: its mask is the new mask
+                keep = lay.select(scores, keep, *chosen[0])
             else:
                 new = torch.empty_like(keep)
-                for group in groups:
-                    lay.put(new, group, lay.select(scores, keep, group, d))
-                if cls is not None:
-                    lay.put(new, [cls], lay.select(scores, keep, [cls], density_at(k, call.iterations, cls_density, call.schedule)))
-            keep = new
+                for g, dd in chosen:
+                    lay.put(new, g, lay.select(scores, keep, g, dd))
+                keep = new
         if on_round:
             on_round(k, d)
     return {n: v.to("cpu", copy=True) for n, v in lay.views(keep).items()}

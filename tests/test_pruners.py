@@ -234,6 +234,12 @@ def test_classifier_density_bias_and_batchnorm_options():
     assert set(plain) == {"0.weight", "4.weight", "6.weight"}
 
 
+def test_classifier_density_on_a_model_that_is_only_its_classifier():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(20, 3)).double()
+    m = masking.prune(net, Magnitude(), Magnitude.Params(), call(name="magnitude", iterations=2, classifier_density=0.5), inputs(shape=(20,)))
+    assert list(m) == ["1.weight"] and int(m["1.weight"].sum()) == 60 - int(0.5 * 60)
+
+
 def test_train_mode_scores_with_batch_statistics():
     net, batches = tiny_net(), data()
     net[1].running_mean.fill_(3.0)  # eval mode uses these, train mode the batch's
