@@ -107,11 +107,10 @@ def run(
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="The experiment spec (YAML)."), set_: Optional[List[str]] = SetOpt, debug: bool = DebugOpt):
     """Check SPEC (or a grid file, every run of it) without running it: exit 0 when valid, 2 with the problems otherwise."""
+    from pab_framework import grid as G
     from pab_framework.errors import PabError
     from pab_framework.pipeline import plan
     from pab_framework.spec import load_spec
-
-    from pab_framework import grid as G
 
     try:
         if G.looks_like_grid(spec):  # a grid file: validate every run it expands to

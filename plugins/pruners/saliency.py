@@ -17,6 +17,19 @@ def _batches(inputs):
         yield x.to(inputs.device, inputs.dtype), y.to(inputs.device)
 
 
+def _add_grads_(total: list[torch.Tensor], grads, weights) -> None:
+    """total += grads, a weight the loss does not reach (grad None) adding zero."""
+    torch._foreach_add_(total, [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, weights)])
+
+
+def _summed_grads(model, weights, inputs, temperature: float = 1.0) -> list[torch.Tensor]:
+    """The loss gradients (logits / temperature) summed over the pruning batches, no graph kept."""
+    total = [torch.zeros_like(w) for w in weights]
+    for x, y in _batches(inputs):
+        _add_grads_(total, torch.autograd.grad(inputs.loss_fn(model(x) / temperature, y), weights, allow_unused=True), weights)
+    return total
+
+
 class SNIP:
     """SNIP (Lee et al., 2019): connection sensitivity |dL/dm| = |g * theta| for a mask m = 1 on each
     weight, gradients summed over the pruning batches, normalised by the total."""
@@ -29,10 +42,7 @@ class SNIP:
     def score(self, params, model, prunable, inputs) -> dict[str, torch.Tensor]:
         names = list(prunable)
         weights = [prunable[n] for n in names]
-        grads = [torch.zeros_like(w) for w in weights]
-        for x, y in _batches(inputs):
-            g = torch.autograd.grad(inputs.loss_fn(model(x), y), weights, allow_unused=True)
-            torch._foreach_add_(grads, [gi if gi is not None else torch.zeros_like(w) for gi, w in zip(g, weights)])
+        grads = _summed_grads(model, weights, inputs)
         scores = [(g * w.detach()).abs_() for g, w in zip(grads, weights)]
         total = sum(s.sum() for s in scores)
         return {n: s.div_(total) for n, s in zip(names, scores)}
@@ -58,18 +68,14 @@ class GraSP:
     def score(self, params, model, prunable, inputs) -> dict[str, torch.Tensor]:
         names = list(prunable)
         weights = [prunable[n] for n in names]
-        g_stop = [torch.zeros_like(w) for w in weights]
-        for x, y in _batches(inputs):
-            g = torch.autograd.grad(inputs.loss_fn(model(x) / params.temperature, y), weights, allow_unused=True)
-            torch._foreach_add_(g_stop, [gi if gi is not None else torch.zeros_like(w) for gi, w in zip(g, weights)])
+        g_stop = _summed_grads(model, weights, inputs, params.temperature)
         hg = [torch.zeros_like(w) for w in weights]
         for x, y in _batches(inputs):
             g = torch.autograd.grad(inputs.loss_fn(model(x) / params.temperature, y), weights, create_graph=True, allow_unused=True)
             dot = sum((gi * gs).sum() for gi, gs in zip(g, g_stop) if gi is not None)
             if not dot.requires_grad:  # a model that is linear in its weights has H = 0
                 continue
-            h = torch.autograd.grad(dot, weights, allow_unused=True)
-            torch._foreach_add_(hg, [hi if hi is not None else torch.zeros_like(w) for hi, w in zip(h, weights)])
+            _add_grads_(hg, torch.autograd.grad(dot, weights, allow_unused=True), weights)
         scores = [h * w.detach() for h, w in zip(hg, weights)]
         norm = sum(s.sum() for s in scores).abs() + params.eps
         return {n: s.div_(norm) for n, s in zip(names, scores)}

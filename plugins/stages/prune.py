@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from pab_framework import masking
-import torch.nn as nn
-
 from pab_framework.modelutil import apply_masks_, density_of, initialise
 from pab_framework.spec import PrunerCall
 
