@@ -1,4 +1,5 @@
-"""Files a stage writes: every one atomically (temporary name, flush, fsync, rename).
+"""Files a stage writes: every one atomically (temporary name, flush, fsync, rename), with the
+mode the user's umask gives a new file (0644 under umask 022), never a private temporary file's.
 
 A stage directory is complete only when its `result.json` exists; it is written last.
 Checkpoints and models load with `torch.load(..., weights_only=True)`: a file from a stranger
@@ -6,16 +7,16 @@ can hold tensors and plain containers, never code.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
-import tempfile
+import secrets
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-
-import errno
 
 from .errors import ArtifactError, WriteError
 
@@ -43,10 +44,29 @@ def write_failure_reason(e: OSError) -> str:
     return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
+def create_temp(directory: str | Path, name: str) -> tuple[int, Path]:
+    """A new file `.<name>.<random>.tmp` in `directory`, open for writing: (descriptor, path).
+
+    Created with mode 0666 less the umask, as any new file is (0644 under umask 022), so that
+    renaming it over `name` gives the final file the mode a collaborator expects; `mkstemp` would
+    make every artifact private (0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = Path(directory) / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 48 random bits taken: draw again
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(Path(directory) / f".{name}.*.tmp"))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = create_temp(path.parent, path.name)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {write_failure_reason(e)} (the previous version, if any, is intact)") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -98,14 +118,47 @@ def torch_save_atomic(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+TORCH_PICKLE_PROTOCOL = 2  # what torch.save writes, and the only protocol torch's weights_only loader expects
+
+
+def pickle_protocol(src: str | Path | bytes) -> int | None:
+    """The protocol of a torch file's pickle (the `data.pkl` record of a zip archive, or a bare
+    pickle's first bytes); None when the file is neither."""
+    try:
+        if isinstance(src, bytes):
+            head = src[:4]
+        else:
+            with open(src, "rb") as f:
+                head = f.read(4)
+        if head == b"PK\x03\x04":  # torch.save's zip archive: <archive>/data.pkl holds the pickle
+            with zipfile.ZipFile(io.BytesIO(src) if isinstance(src, bytes) else src) as z:
+                name = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+                if name is None:
+                    return None
+                with z.open(name) as f:
+                    head = f.read(2)
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+    return head[1] if len(head) >= 2 and head[0] == 0x80 else None  # PROTO opcode, then the protocol
+
+
 def torch_load_safe(path: str | Path, map_location: Any = "cpu", data: bytes | None = None) -> Any:
     """Load a torch file with `weights_only=True`; any failure is one clear ArtifactError.
+
+    A pickle of another protocol than torch.save's is refused before torch reads it: pab never
+    writes one (so it is not a pab artifact), and torch's loader would warn about it.
 
     `data`: the bytes to load, already read from `path` (a checkpoint's verified payload); `path`
     then only names them in messages."""
     path = Path(path)
     if data is None and not path.is_file():
         raise ArtifactError(f"{path}: file not found")
+    proto = pickle_protocol(path if data is None else data)
+    if proto is not None and proto != TORCH_PICKLE_PROTOCOL:
+        raise ArtifactError(
+            f"{path}: refused: a pickle of protocol {proto}, which torch.save does not write (it writes protocol "
+            f"{TORCH_PICKLE_PROTOCOL}); only files saved by torch.save, holding tensors and plain data, are loaded"
+        )
     try:
         return torch.load(path if data is None else io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean "not a safe artifact"

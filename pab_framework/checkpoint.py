@@ -29,7 +29,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -133,7 +132,10 @@ def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> P
         except OSError:
             pass
     data = encode(payload, key)
-    fd, tmp = tempfile.mkstemp(prefix=f".{CURRENT}.", suffix=".tmp", dir=d)
+    try:
+        fd, tmp = artifacts.create_temp(d, CURRENT)  # the mode a new file gets under the umask
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint {cur}: {artifacts.write_failure_reason(e)}") from None
     try:
         try:
             half = len(data) // 2

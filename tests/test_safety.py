@@ -329,3 +329,59 @@ def test_broken_third_party_plugins_are_listed_and_refused(tmp_path):
     spec.write_text(TINY_SPEC)  # everything else keeps working beside them
     p = pab("validate", str(spec))
     assert p.returncode == 0, p.stderr
+
+
+def test_pickle_of_another_protocol_is_refused_before_torch_reads_it(tmp_path, recwarn):
+    """torch's weights_only loader warns about any pickle protocol but its own (2); pab refuses
+    such a file first, with its protocol named, so nothing warns."""
+    for proto in (4, 5):
+        p = tmp_path / f"p{proto}.pt"
+        p.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=proto))
+        assert artifacts.pickle_protocol(p) == proto
+        with pytest.raises(ArtifactError, match=f"refused: a pickle of protocol {proto}"):
+            artifacts.torch_load_safe(p)
+        zipped = tmp_path / f"z{proto}.pt"
+        torch.save({"w": torch.ones(2)}, zipped, pickle_protocol=proto)  # a zip archive holding a protocol-4/5 pickle
+        assert artifacts.pickle_protocol(zipped) == proto
+        with pytest.raises(ArtifactError, match="refused"):
+            artifacts.torch_load_safe(zipped)
+    ok = tmp_path / "ok.pt"
+    artifacts.torch_save_atomic(ok, {"w": torch.ones(2)})
+    assert artifacts.pickle_protocol(ok) == 2 and artifacts.pickle_protocol(ok.read_bytes()) == 2
+    assert torch.equal(artifacts.torch_load_safe(ok)["w"], torch.ones(2))
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn.list]
+
+
+# --------------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (and put the old one back)."""
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
+
+
+def test_every_file_written_gets_the_umask_mode(write_spec, tmp_path, umask):
+    """The atomic writers' temporary files must not leave artifacts private (0600): under umask
+    027 every file is 0640, as any new file would be, so a collaborator in the group reads runs."""
+    umask(0o027)
+    spec = write_spec(TINY_SPEC.replace("epochs: 2", "epochs: 1").replace("output_dir: runs", "output_dir: runs, loggers: [jsonl, csv]"))
+    code, out = cli("run", str(spec))
+    assert code == 0, out
+    code, out = cli("report", str(tmp_path / "runs" / "tiny"))
+    assert code == 0, out
+    ck = checkpoint.save(tmp_path / "ck", "k" * 64, _payload(4))
+    checkpoint.save(tmp_path / "ck", "k" * 64, _payload(5))  # the rotation keeps the mode too
+    modes = _modes(tmp_path / "runs") | _modes(tmp_path / "ck")
+    names = {Path(k).name for k in modes}
+    assert {"model.pt", "result.json", "spec.yaml", "metrics.jsonl", "metrics.csv", "report.html", "checkpoint.pt", "checkpoint.prev.pt"} <= names
+    assert any(n.endswith(".png") for n in names)
+    assert {k: oct(m) for k, m in modes.items() if m != 0o640} == {}
+    umask(0o022)
+    artifacts.atomic_write_json(tmp_path / "r.json", {"a": 1})
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert ck.stat().st_mode & 0o777 == 0o640  # an existing file keeps the mode it was written with
