@@ -11,24 +11,97 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs, each on one line: the help wraps them to the terminal."""
+    if not text:
+        return text
+    import inspect
+
+    paras = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paras)
+
+
+def _plain_flags(params) -> list:
+    """A flag takes no value: no `<bool>` beside it in the help (typer's rich help shows one)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """Help that reads as words: `pab run [OPTIONS] SPEC`, flags without a type, paragraphs reflowed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                word = p.metavar or (p.name or "").upper()
+                pieces.append(word if p.required else f"[{word}]")
+        return pieces
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Peek-a-Boo experiments: prune at initialisation, then train only the signs of the surviving weights.")
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a spec value: key.path=value (YAML syntax). Repeatable.")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a spec value: key.path=value (YAML syntax). Repeatable.")
+SpecArg = typer.Argument(..., metavar="SPEC", help="The experiment spec (YAML).")
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from pab_framework.distributed import DistInfo, pick_device
+    from pab_framework.spec import RuntimeSpec
+
+    try:
+        mine = version("pab")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        mine = "(not installed)"
+    dev = pick_device(RuntimeSpec(), DistInfo())  # what runtime.device: auto picks
+    what = f"cuda ({torch.cuda.get_device_name(dev)}, {torch.cuda.device_count()} visible)" if dev.type == "cuda" else "cpu"
+    out.print(f"pab {mine}\ntorch {torch.__version__}\ndevice {what} (what runtime.device: auto uses here)", markup=False)
+    raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the pab and torch versions and the device a run would use, and exit.")):
+    pass  # the commands do the work; this only holds --version
 
 
 def _fail(e: BaseException, debug: bool) -> None:
+    from pab_framework.checkpoint import Interrupted
     from pab_framework.errors import PabError
 
     if debug or os.environ.get("PAB_DEBUG"):
         traceback.print_exception(e)
     if isinstance(e, PabError):
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else None
-        err.print("error: " + (f"[rank {rank}] " if rank is not None else "") + str(e), markup=False)
+        label = "stopped" if isinstance(e, Interrupted) else "error"  # a planned stop (exit 3) is not an error
+        err.print(f"{label}: " + (f"[rank {rank}] " if rank is not None else "") + str(e), markup=False)
         raise typer.Exit(e.exit_code)
     raise e
 
@@ -46,14 +119,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
-    spec: Path = typer.Argument(..., help="The experiment spec (YAML)."),
+    spec: Path = SpecArg,
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage, even complete ones."),
     restart: bool = typer.Option(False, "--restart", help="Throw away the checkpoints of incomplete stages instead of resuming from them."),
-    progress: Optional[str] = typer.Option(None, "--progress", help="auto, rich, plain or none (default: the spec's runtime.progress)."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, max=1024,
+    progress: Optional[str] = typer.Option(None, "--progress", metavar="MODE", help="auto, rich, plain or none (default: the spec's runtime.progress)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, max=1024, metavar="N",
                                         help="Processes on this node, started through torch's elastic launcher (default: runtime.nproc_per_node)."),
     debug: bool = DebugOpt,
 ):
@@ -104,8 +177,8 @@ def run(
     out.print(table)
 
 
-@app.command()
-def validate(spec: Path = typer.Argument(..., help="The experiment spec (YAML)."), set_: Optional[List[str]] = SetOpt, debug: bool = DebugOpt):
+@app.command(cls=_Command)
+def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, debug: bool = DebugOpt):
     """Check SPEC (or a grid file, every run of it) without running it: exit 0 when valid, 2 with the problems otherwise."""
     from pab_framework import grid as G
     from pab_framework.errors import PabError
@@ -126,7 +199,7 @@ def validate(spec: Path = typer.Argument(..., help="The experiment spec (YAML)."
         out.print(f"  {sid:<12} {s.stages[sid].kind:<10} {'complete' if complete else 'to run':<9} {_rel(d)}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def schema(debug: bool = DebugOpt):
     """Print the JSON Schema of specs, with every installed plugin's parameters."""
     from pab_framework.schema import spec_schema
@@ -134,10 +207,10 @@ def schema(debug: bool = DebugOpt):
     sys.stdout.write(json.dumps(spec_schema(), indent=2) + "\n")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>/), one stage directory, or a grid directory."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where report.html and the PNGs go (default: RUN_DIR)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (runs/<name>/), one stage directory, or a grid directory."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Where report.html and the PNGs go (default: RUN_DIR)."),
     debug: bool = DebugOpt,
 ):
     """Write RUN_DIR/report.html (figures embedded) and its PNGs: curves, flips, per-layer sparsity, FLOPs."""
@@ -152,7 +225,7 @@ def report(
     out.print(f"wrote {_rel(r.html)} ({len(r.sections)} sections, {len(r.pngs)} figures)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plugins(debug: bool = DebugOpt):
     """List the installed plugins of every kind, and any that are broken."""
     from pab_framework.registry import GROUPS, registry
@@ -163,26 +236,26 @@ def plugins(debug: bool = DebugOpt):
         table.add_column(col, overflow="fold")
     for kind, group in GROUPS.items():
         for name, e in sorted(reg.entries(group).items()):
-            doc = (e.obj.__doc__ or "").strip().splitlines()
-            table.add_row(kind, name, e.target, "ok" + (f": {doc[0]}" if doc else ""))
+            summary = e.summary  # the docstring's first sentence, whole
+            table.add_row(kind, name, e.target, "ok" + (f": {summary}" if summary else ""))
         for name, b in sorted(reg.broken(group).items()):
             table.add_row(kind, name, b.target, f"[red]broken[/]: {b.error}")
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def grid(
     grid_file: Path = typer.Argument(..., metavar="GRID", help="The grid file (YAML): base spec, grid:, zip:, set:, slurm:."),
-    executor: str = typer.Option("local", "--executor", "-e", help="local (this machine) or slurm (through submitit)."),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="local: runs at once, each in its own process."),
+    executor: str = typer.Option("local", "--executor", "-e", metavar="NAME", help="local (this machine) or slurm (through submitit)."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, metavar="K", help="local: runs at once, each in its own process."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the runs and the stages they share; run nothing."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage of every run."),
     set_: Optional[List[str]] = SetOpt,
-    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition (default: the grid's slurm: section)."),
-    time_: Optional[str] = typer.Option(None, "--time", help="slurm: time limit per run, minutes or [D-]HH:MM:SS."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="slurm: GPUs per run."),
-    cpus: Optional[int] = typer.Option(None, "--cpus", help="slurm: CPUs per run."),
-    cluster: str = typer.Option("slurm", "--cluster", help="slurm executor backend: slurm, or submitit's local/debug executors (to try the path here)."),
+    partition: Optional[str] = typer.Option(None, "--partition", metavar="NAME", help="slurm: partition (default: the grid's slurm: section)."),
+    time_: Optional[str] = typer.Option(None, "--time", metavar="LIMIT", help="slurm: time limit per run, minutes or [D-]HH:MM:SS."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", metavar="N", help="slurm: GPUs per run."),
+    cpus: Optional[int] = typer.Option(None, "--cpus", metavar="N", help="slurm: CPUs per run."),
+    cluster: str = typer.Option("slurm", "--cluster", metavar="NAME", help="slurm executor backend: slurm, or submitit's local/debug executors (to try the path here)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="slurm: submit and return; run the grid again later to collect the table."),
     debug: bool = DebugOpt,
 ):
@@ -226,7 +299,7 @@ def grid(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def results(directory: Path = typer.Argument(..., metavar="DIR", help="A grid directory (<output_dir>/<grid name>/) or its results.json."), debug: bool = DebugOpt):
     """Print a grid's results table again, from its results.json."""
     from pab_framework.errors import PabError

@@ -7,6 +7,7 @@ is not a pydantic model, is recorded as broken with its error; the others keep w
 from __future__ import annotations
 
 import difflib
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,32 @@ class Entry:
     @property
     def package(self) -> str:
         return self.target.split(":")[0].split(".")[0]
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the plugin's docstring (what `pab plugins` shows)."""
+        return first_sentence(self.obj.__doc__ or "")
+
+
+# a full stop after these is not the end of a sentence
+_ABBREVIATIONS = ("e.g.", "i.e.", "et al.", "cf.", "vs.", "etc.", "approx.", "resp.", "Fig.", "Eq.", "No.")
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, its line breaks joined; the whole
+    paragraph when no sentence ends in it. Never cut mid-sentence."""
+    lines = []
+    for line in doc.strip().splitlines():
+        if not line.strip():
+            break
+        lines.append(line.strip())
+    text = " ".join(lines)
+    for m in re.finditer(r"[.!?](?=\s|$)", text):
+        end = m.end()
+        if text[:end].endswith("..") or any(text[:end].endswith(a) for a in _ABBREVIATIONS):
+            continue  # an ellipsis or an abbreviation
+        return text[:end]
+    return text
 
 
 class Registry:

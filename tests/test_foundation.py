@@ -125,3 +125,45 @@ def test_plugins_command_lists_builtins():
     assert res.exit_code == 0
     for name in ("synflow", "bop", "digits", "cifar_resnet18", "resnet50", "prune", "train"):
         assert name in res.output
+
+
+def test_version_names_pab_torch_and_the_device():
+    from importlib.metadata import version
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0, res.output
+    assert f"pab {version('pab')}" in res.output and f"torch {torch.__version__}" in res.output
+    assert ("device cuda" if torch.cuda.is_available() else "device cpu") in res.output
+
+
+@pytest.mark.parametrize("command,usage", [
+    ([], "Usage: pab [OPTIONS] COMMAND"),
+    (["run"], "Usage: pab run [OPTIONS] SPEC"),
+    (["validate"], "Usage: pab validate [OPTIONS] SPEC"),
+    (["grid"], "Usage: pab grid [OPTIONS] GRID"),
+    (["results"], "Usage: pab results [OPTIONS] DIR"),
+    (["report"], "Usage: pab report [OPTIONS] RUN_DIR"),
+])
+def test_help_reads_as_words(command, usage):
+    """No `<bool>` after a flag, no `{spec}` in the usage line; values named by words."""
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}, prog_name="pab")
+    assert res.exit_code == 0, res.output
+    assert usage in res.output, res.output
+    assert "<bool>" not in res.output and "{" not in res.output, res.output
+    if command == ["run"]:
+        assert "KEY=VALUE" in res.output and "MODE" in res.output
+        # docstring paragraphs are reflowed, not cut where the source wraps them
+        assert "under DistributedDataParallel, started through" in res.output
+
+
+def test_plugin_descriptions_are_whole_sentences():
+    from pab_framework.registry import first_sentence, registry
+
+    assert first_sentence("One line.\n\n    More.") == "One line."
+    assert first_sentence("A sentence that\n    wraps, e.g. here. Second one.") == "A sentence that wraps, e.g. here."
+    assert first_sentence("No full stop at all\n    on two lines\n\n    Body.") == "No full stop at all on two lines"
+    assert first_sentence("Ends with ... an ellipsis. Then.") == "Ends with ... an ellipsis."
+    synflow = registry().entries("pab.pruners")["synflow"].summary
+    assert synflow.startswith("Iterative Synaptic Flow") and synflow.endswith("(the linearised network).")
+    res = runner.invoke(app, ["plugins"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and "(the linearised network)." in res.output and "Data-independent" not in res.output
