@@ -167,14 +167,19 @@ def run(
         raise typer.Exit(1)
     if not dist.is_main:
         return
-    table = Table(title=f"{s.name}: results")
-    for col in ("stage", "kind", "status", "density", "val_acc", "time (s)", "directory"):
+    out.print(_stage_table(f"{s.name}: results", [(o.stage_id, o.kind, o.status, o.result, o.wall_s, o.dir) for o in outcomes]))
+
+
+def _stage_table(title: str, rows, time_col: str = "time (s)") -> Table:
+    """One row per stage: (stage, kind, status, result.json, seconds or None, directory). After a
+    run, `time (s)` is what this command spent: `-` for a stage reused (computed earlier)."""
+    table = Table(title=title)
+    for col in ("stage", "kind", "status", "density", "val_acc", time_col, "directory"):
         table.add_column(col, overflow="fold")
-    for o in outcomes:
-        r = o.result
-        table.add_row(o.stage_id, o.kind, "reused" if o.reused else "ran", _fmt(r.get("density", "")),
-                      _fmt(r["val_acc"]) if "val_acc" in r else "-", f"{(o.wall_s if not o.reused else r.get('wall_s', 0.0)):.1f}", _rel(o.dir))
-    out.print(table)
+    for sid, kind, status, r, secs, d in rows:
+        table.add_row(sid, kind, status, _fmt(r["density"]) if "density" in r else "-", _fmt(r["val_acc"]) if "val_acc" in r else "-",
+                      "-" if status == "reused" or secs is None else f"{secs:.1f}", _rel(d))
+    return table
 
 
 @app.command(cls=_Command)
@@ -300,17 +305,38 @@ def grid(
 
 
 @app.command(cls=_Command)
-def results(directory: Path = typer.Argument(..., metavar="DIR", help="A grid directory (<output_dir>/<grid name>/) or its results.json."), debug: bool = DebugOpt):
-    """Print a grid's results table again, from its results.json."""
+def results(directory: Path = typer.Argument(..., metavar="DIR", help="An experiment directory (<output_dir>/<name>/), one stage "
+                                             "directory, or a grid directory (<output_dir>/<grid name>/) or its results.json."),
+            debug: bool = DebugOpt):
+    """Print the results table of an experiment (its stages, from their result.json) or of a grid (from its results.json)."""
+    from pab_framework import artifacts
     from pab_framework.errors import PabError
-    from pab_framework.grid import load_results
+    from pab_framework.grid import RESULTS_JSON, load_results
 
     try:
+        if directory.is_dir() and not (directory / RESULTS_JSON).is_file():
+            stages = artifacts.experiment_stages(directory)
+            if not stages:
+                raise PabError(f"{directory}: no stage directories (<stage>-<key>/ with spec.yaml) and no {RESULTS_JSON} here; give an "
+                               f"experiment directory (<output_dir>/<name>/), one stage directory, or a grid directory")
+            _print_stages(directory, stages)
+            return
         res = load_results(directory)
     except PabError as e:
         _fail(e, debug)
         return
     _print_results(res, directory if directory.is_dir() else directory.parent)
+
+
+def _print_stages(directory: Path, stages) -> None:
+    """An experiment directory's stages, in the order they were started: what each computed and how long it took."""
+    names = sorted({r.experiment for r in stages})
+    rows = [(r.stage_id, r.kind, r.status + (", resumed" if (r.result or {}).get("resumed") else ""), r.result or {},
+             (r.result or {}).get("compute_s", (r.result or {}).get("wall_s")), r.dir) for r in stages]
+    out.print(_stage_table(f"{', '.join(names)}: stages", rows, time_col="compute (s)"))
+    counts = {k: sum(r.status == k for r in stages) for k in ("complete", "interrupted", "incomplete")}
+    out.print(", ".join(f"{n} {k}" for k, n in counts.items() if n)
+              + ("; an interrupted stage resumes from its checkpoint when its spec runs again" if counts["interrupted"] else ""))
 
 
 def _cell(v) -> str:
@@ -358,7 +384,7 @@ def _print_results(res: dict, where: Path) -> None:
     table.add_column("run", justify="right")
     for h in heads:
         table.add_column(h)
-    for col in ("status", "val_acc", "density", "time (s)", "stages ran/reused"):
+    for col in ("status", "val_acc", "density", "compute (s)", "stages ran/reused"):
         table.add_column(col, justify="right" if col != "status" else "left")
     for r in res["rows"]:
         status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"

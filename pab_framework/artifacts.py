@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,59 @@ def load_model_artifact(path: str | Path) -> tuple[dict, dict]:
 
 def is_complete(stage_dir: str | Path) -> bool:
     return (Path(stage_dir) / RESULT).is_file()
+
+
+# --------------------------------------------------------------------------- what an experiment directory holds
+@dataclass
+class StageRecord:
+    """One stage directory as found on disk."""
+
+    dir: Path
+    stage_id: str
+    kind: str
+    experiment: str
+    result: dict | None  # result.json; None while the stage is not complete
+    checkpoint: bool  # a checkpoint is there (an interrupted stage, or one running now)
+
+    @property
+    def status(self) -> str:
+        if self.result is not None:
+            return "complete"
+        return "interrupted" if self.checkpoint else "incomplete"
+
+
+def read_stage_record(d: str | Path) -> StageRecord | None:
+    """The stage in directory `d` (its spec.yaml, result.json and checkpoint), or None when `d`
+    holds no stage spec. A spec.yaml or result.json that cannot be read is an ArtifactError."""
+    import yaml
+
+    from .checkpoint import NAMES as CHECKPOINTS
+
+    d = Path(d)
+    path = d / SPEC
+    if not path.is_file():
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ArtifactError(f"{path}: cannot read the stage's spec ({e})") from None
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    if not isinstance(spec, dict) or not isinstance(doc.get("stage"), str):
+        return None  # some other spec.yaml: not a stage directory
+    stage = (spec.get("stages") or {}).get(doc["stage"]) or {}
+    result = read_json(d / RESULT) if is_complete(d) else None
+    return StageRecord(d, doc["stage"], str(stage.get("kind", "?")), str(spec.get("name", d.parent.name)),
+                       result if isinstance(result, dict) else None, any((d / n).is_file() for n in CHECKPOINTS))
+
+
+def experiment_stages(root: str | Path) -> list[StageRecord]:
+    """The stages of an experiment directory (`<output_dir>/<name>/`: one folder per stage and
+    key), in the order they were started; just `root` when it is itself a stage directory."""
+    root = Path(root)
+    one = read_stage_record(root)
+    if one is not None:
+        return [one]
+    if not root.is_dir():
+        return []
+    dirs = sorted((d for d in root.iterdir() if d.is_dir() and (d / SPEC).is_file()), key=lambda d: ((d / SPEC).stat().st_mtime, d.name))
+    return [r for r in map(read_stage_record, dirs) if r is not None]

@@ -38,6 +38,9 @@ class StageContext:
     device: torch.device
     reporter: Reporter
     dist: DistInfo = field(default_factory=DistInfo)
+    # a stage that resumes from a checkpoint sets this to the seconds earlier sessions spent on it
+    # (as recorded in the checkpoint): result.json's compute_s is this session's wall_s plus it
+    earlier_s: float = 0.0
 
     @property
     def params(self) -> Any:

@@ -421,7 +421,8 @@ def _metrics(results: list[dict]) -> dict:
         for k in ("val_acc", "density"):
             if isinstance(r.get(k), (int, float)) and math.isfinite(r[k]):
                 out[k] = float(r[k])
-    out["time_s"] = round(sum(float(r.get("wall_s", 0.0)) for r in results), 3)
+    # the run's compute: every stage's, whenever it was computed (reused ones too, resumed ones over every session)
+    out["time_s"] = round(sum(float(r.get("compute_s", r.get("wall_s", 0.0))) for r in results), 3)
     return out
 
 

@@ -26,7 +26,12 @@ class StageOutcome:
     dir: Path
     result: dict
     reused: bool
-    wall_s: float
+    wall_s: float  # this session's seconds on the stage (0 when reused)
+    resumed: bool = False  # it went on from a checkpoint an earlier, interrupted session left
+
+    @property
+    def status(self) -> str:
+        return "reused" if self.reused else "resumed" if self.resumed else "ran"
 
 
 def stage_dir(spec: ExperimentSpec, stage_id: str, key: str) -> Path:
@@ -101,9 +106,8 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
             if restart and dist.is_main and checkpoint.exists(sdir):
                 checkpoint.discard(sdir)
                 reporter.log(f"[yellow]restart[/]: threw away the checkpoint of {sid}")
-            if checkpoint.exists(sdir):
-                reporter.log(f"[bold]resuming[/] {sid} ({st.kind}) from its checkpoint in {sdir} (--restart starts it afresh)")
-            else:
+            resumed = checkpoint.exists(sdir)  # the stage itself says where it resumes (one line)
+            if not resumed:
                 reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}" + (f" on {dist.world_size} processes" if dist.enabled else ""))
             if dist.is_main:
                 sdir.mkdir(parents=True, exist_ok=True)
@@ -120,11 +124,14 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
             result = dict(st.plugin.run(ctx))
             wall = time.perf_counter() - t0
             result.setdefault("wall_s", round(wall, 3))
+            # every session's time: this one's and that of the interrupted ones the stage resumed from
+            result.setdefault("compute_s", round(result["wall_s"] + ctx.earlier_s, 3))
+            result.setdefault("resumed", resumed)
             if dist.is_main:
                 artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
                 checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
             dist.barrier()  # the artifacts are on disk before a later stage on any rank loads them
-        outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall)
+        outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall, resumed)
     return list(outcomes.values())
 
 

@@ -154,7 +154,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, write_spec):
     assert (train / "checkpoint.pt").is_file() and not (train / "result.json").exists()
     p, _ = pab("run", spec, "--nproc", 2, "--set", "stages.train.epochs=40")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming train from" in p.stdout
+    assert "resuming train (train) from" in p.stdout
     rows = artifacts.read_jsonl(train / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 41))
 

@@ -192,15 +192,100 @@ def test_sigterm_checkpoints_and_exits_3_then_resumes(tmp_path):
     rc = proc.wait(60)
     text = "".join(lines) + rest
     assert rc == 3, text
-    assert "stopped by SIGTERM" in text and "Run the same command again to resume" in text
-    assert "Traceback" not in text
+    assert "stopped: SIGTERM at" in text and "Run the same command again to resume" in text
+    assert "Traceback" not in text and "error" not in text  # a planned stop, exit 3, is not an error
     d = stage_dir(tmp_path, "train")
     assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
     assert [r["epoch"] for r in metrics(d)] in ([1], [1, 2])
     log = run_in_process(spec)
-    assert "resuming train from" in log
+    assert "resuming train (train) from" in log
     assert [r["epoch"] for r in metrics(d)] == [1, 2, 3]
     assert (d / "result.json").is_file() and not (d / "checkpoint.pt").exists()
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return r.exit_code, r.output + (r.stderr if r.stderr_bytes is not None else "")
+
+
+def _table_row(out: str, stage: str) -> list[str]:
+    """The cells of `stage`'s row in a rich results table."""
+    (line,) = [l for l in out.splitlines() if l.startswith(f"│ {stage} ")]
+    return [c.strip() for c in line.strip("│").split("│")]
+
+
+def test_resumed_stage_says_so_once_and_its_times_add_up(tmp_path, monkeypatch):
+    """After a SIGINT at the end of epoch 1: `stopped:` (exit 3); the next run prints one line
+    about the resume, calls the stage `resumed`, and writes compute_s = its wall_s + the time of
+    the interrupted session (as the checkpoint recorded it); a third run reuses both stages and
+    shows no time for them; `pab results` of the experiment directory lists them."""
+    from pab_framework import artifacts, checkpoint
+
+    spec = _fresh(tmp_path)
+
+    def sigint_at(point, n):
+        if (point, n) == ("epoch-end", 1):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint, "test_pause", sigint_at)
+    code, out = _cli("run", str(spec))
+    monkeypatch.undo()
+    assert code == 3, out
+    assert "stopped: SIGINT at the end of epoch 1; checkpoint written to" in out and "error" not in out
+    d = stage_dir(tmp_path, "train")
+    earlier = checkpoint.load(d, None)[0]["elapsed"]
+    assert earlier > 0
+
+    code, out = _cli("run", str(spec))
+    assert code == 0, out
+    said = [l for l in out.splitlines() if "checkpoint" in l or "resuming" in l]
+    assert len(said) == 1 and said[0].startswith("resuming train (train) from "), out  # one line, not two
+    assert "at epoch 2, step 0/12 (--restart starts it afresh)" in out
+    assert _table_row(out, "prune")[2] == "reused" and _table_row(out, "prune")[5] == "-"
+    row = _table_row(out, "train")
+    r = artifacts.read_json(d / "result.json")
+    assert row[2] == "resumed" and row[5] == f"{r['wall_s']:.1f}"
+    assert r["resumed"] is True and "train_s" not in r
+    assert abs(r["compute_s"] - (r["wall_s"] + earlier)) < 2e-3
+    assert artifacts.read_json(stage_dir(tmp_path, "prune") / "result.json")["compute_s"] == \
+        artifacts.read_json(stage_dir(tmp_path, "prune") / "result.json")["wall_s"]
+
+    code, out = _cli("run", str(spec))
+    assert code == 0, out
+    assert [_table_row(out, s)[2::3] for s in ("prune", "train")] == [["reused", "-"], ["reused", "-"]]
+
+    code, out = _cli("results", str(tmp_path / "runs" / "resume"))
+    assert code == 0, out
+    assert "compute (s)" in out and "resume: stages" in out
+    row = _table_row(out, "train")
+    assert row[2] == "complete, resumed" and row[5] == f"{r['compute_s']:.1f}" and row[4] == f"{r['val_acc']:.4f}"
+    assert _table_row(out, "prune")[2] == "complete"
+    code, one = _cli("results", str(d))  # one stage directory
+    assert code == 0 and _table_row(one, "train")[2] == "complete, resumed"
+
+
+def test_results_of_an_experiment_with_an_interrupted_stage(tmp_path, monkeypatch):
+    from pab_framework import checkpoint
+
+    spec = _fresh(tmp_path)
+
+    def crash(point, n):
+        if (point, n) == ("step", 17):
+            raise checkpoint.PabError("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "test_pause", crash)
+    code, out = _cli("run", str(spec))
+    assert code == 2 and "simulated crash" in out
+    code, out = _cli("results", str(tmp_path / "runs" / "resume"))
+    assert code == 0, out
+    assert _table_row(out, "train")[2:] [:4] == ["interrupted", "-", "-", "-"]
+    assert "1 complete, 1 interrupted; an interrupted stage resumes" in out
+    code, out = _cli("results", str(tmp_path))
+    assert code == 2 and "no stage directories" in out and "experiment directory" in out
 
 
 def test_restart_throws_the_checkpoint_away(tmp_path, monkeypatch):
@@ -222,6 +307,6 @@ def test_restart_throws_the_checkpoint_away(tmp_path, monkeypatch):
     (tmp_path / "runs" / "keep.txt").write_text("mine")
     log = run_in_process(spec, restart=True)
     assert "threw away the checkpoint of train" in log
-    assert "resuming train from" not in log  # the stage itself started from epoch 1
+    assert "resuming train" not in log  # the stage itself started from epoch 1
     assert [r["epoch"] for r in metrics(d)] == [1, 2, 3]
     assert (tmp_path / "runs" / "keep.txt").read_text() == "mine"  # the output dir is never wiped

@@ -204,7 +204,6 @@ class TrainStage:
             "train_loss": last["train_loss"],
             "best_val_acc": max(m["val_acc"] for m in metrics),
             "epochs": p.epochs,
-            "train_s": round(run.elapsed(), 3),
         }
 
 
@@ -336,8 +335,8 @@ class _Run:
         if save:
             self.save()
         where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
-        raise checkpoint.Interrupted(
-            f"stopped by {signame} at {where}; checkpoint written to {self.last_saved or self.ctx.dir}. "
+        raise checkpoint.Interrupted(  # printed after "stopped: "
+            f"{signame} at {where}; checkpoint written to {self.last_saved or self.ctx.dir}. "
             f"Run the same command again to resume (exit code {checkpoint.EXIT_INTERRUPTED})."
         )
 
@@ -374,8 +373,10 @@ class _Run:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ArtifactError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {msg[:200]}). Run with --restart to start afresh.") from None
         self.last_saved = path
+        self.ctx.earlier_s = self.elapsed_before  # result.json: compute_s counts the earlier sessions
         at = f"epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}" if self.epoch < self.ctx.params.epochs else "the end of training"
-        self.ctx.log(f"[bold]resuming[/] {self.ctx.stage_id} from {path} at {at}")
+        # the only line about the resume (the pipeline leaves it to the stage, which knows where)
+        self.ctx.log(f"[bold]resuming[/] {self.ctx.stage_id} ({self.ctx.stage.kind}) from {path} at {at} (--restart starts it afresh)")
 
 
 class _ScaledStep:
