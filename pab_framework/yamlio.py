@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Problem, SpecError, format_path
+from .errors import PabError, Problem, SpecError, format_path
 
 # A YAML file is a few kilobytes; anything this large is a mistake or an attack (alias bombs).
 MAX_SPEC_BYTES = 1 << 20
@@ -64,29 +64,29 @@ class LoadedYaml:
         return self.lines.get((), None)
 
 
-def _problem(source: str, message: str, line: int | None = None) -> SpecError:
-    return SpecError([Problem((), message, line, source)])
+def _problem(source: str, message: str, line: int | None = None, what: str = "spec") -> SpecError:
+    return SpecError([Problem((), message, line, source)], title=f"invalid {what}")
 
 
 def read_text(path: Path, what: str = "spec") -> str:
     source = str(path)
-    if not path.exists():
-        raise _problem(source, f"{what} file not found")
+    if not path.exists():  # nothing to be invalid yet: the path is wrong
+        raise PabError(f"{what} file not found: {source}")
     if path.is_dir():
-        raise _problem(source, f"is a directory, not a {what} file")
+        raise PabError(f"{source} is a directory, not a {what} file")
     try:
         size = path.stat().st_size
         if size > MAX_SPEC_BYTES:
-            raise _problem(source, f"{what} file is {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes")
+            raise _problem(source, f"{what} file is {size} bytes; a {what} file is at most {MAX_SPEC_BYTES} bytes", what=what)
         raw = path.read_bytes()
     except OSError as e:
-        raise _problem(source, f"cannot read {what} file: {e.strerror or e}") from None
+        raise _problem(source, f"cannot read {what} file: {e.strerror or e}", what=what) from None
     if b"\x00" in raw:
-        raise _problem(source, f"not a YAML {what}: the file is binary")
+        raise _problem(source, f"not a YAML {what}: the file is binary", what=what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _problem(source, f"not a YAML {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise _problem(source, f"not a YAML {what}: not UTF-8 text ({e.reason} at byte {e.start})", what=what) from None
 
 
 def _check_depth(text: str, source: str, what: str) -> None:
@@ -96,12 +96,12 @@ def _check_depth(text: str, source: str, what: str) -> None:
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
-                raise _problem(source, f"not a usable {what}: nested more than {MAX_DEPTH} levels deep", ev.start_mark.line + 1)
+                raise _problem(source, f"not a usable {what}: nested more than {MAX_DEPTH} levels deep", ev.start_mark.line + 1, what)
         elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
 
 
-def _check_nodes(node, path: tuple, source: str, seen_nodes: set) -> None:
+def _check_nodes(node, path: tuple, source: str, seen_nodes: set, what: str = "spec") -> None:
     """A key given twice in one mapping is refused (YAML would silently keep the last one), and so
     is a number too long to be a setting."""
     stack = [(node, path)]
@@ -111,7 +111,7 @@ def _check_nodes(node, path: tuple, source: str, seen_nodes: set) -> None:
             continue
         seen_nodes.add(id(n))
         if isinstance(n, yaml.ScalarNode) and n.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and len(n.value) > MAX_NUMBER_CHARS:
-            raise SpecError([Problem(p, f"a number written with {len(n.value)} characters is too large for any setting", n.start_mark.line + 1, source)])
+            raise SpecError([Problem(p, f"a number written with {len(n.value)} characters is too large for any setting", n.start_mark.line + 1, source)], title=f"invalid {what}")
         if isinstance(n, yaml.MappingNode):
             first: dict = {}
             for k, v in n.value:
@@ -119,7 +119,7 @@ def _check_nodes(node, path: tuple, source: str, seen_nodes: set) -> None:
                     ident = (k.tag, k.value)
                     if ident in first:
                         raise SpecError([Problem(p + (k.value,), f"duplicate key {k.value!r} in {format_path(p) or 'the top level'} "
-                                                 f"(first given at line {first[ident]}); give each key once", k.start_mark.line + 1, source)])
+                                                 f"(first given at line {first[ident]}); give each key once", k.start_mark.line + 1, source)], title=f"invalid {what}")
                     first[ident] = k.start_mark.line + 1
                 stack.append((v, p + (k.value,) if isinstance(k, yaml.ScalarNode) else p))
         elif isinstance(n, yaml.SequenceNode):
@@ -136,16 +136,16 @@ def load_yaml_text(text: str, source: str, what: str = "spec") -> LoadedYaml:
         msg = " ".join(x for x in (e.context, e.problem) if x)
         if "python/" in text and "could not determine a constructor" in str(e):
             msg = "tags that construct Python objects are refused (only plain YAML is read)"
-        raise _problem(source, f"not valid YAML: {msg}", line) from None
+        raise _problem(source, f"not valid YAML: {msg}", line, what) from None
     except yaml.YAMLError as e:
-        raise _problem(source, f"not valid YAML: {e}") from None
+        raise _problem(source, f"not valid YAML: {e}", what=what) from None
     if node is None:
-        raise _problem(source, f"the {what} file is empty")
+        raise _problem(source, f"the {what} file is empty", what=what)
     try:
         _count_nodes(node, [0])
     except yaml.YAMLError as e:
-        raise _problem(source, f"not a usable {what}: {e}") from None
-    _check_nodes(node, (), source, set())
+        raise _problem(source, f"not a usable {what}: {e}", what=what) from None
+    _check_nodes(node, (), source, set(), what)
     try:
         data = _LineLoader(text).get_single_data()
     except yaml.constructor.ConstructorError as e:
@@ -154,14 +154,14 @@ def load_yaml_text(text: str, source: str, what: str = "spec") -> LoadedYaml:
             msg = "a Python tag is refused: specs are plain YAML (safe_load), they never construct objects"
         else:
             msg = f"not valid YAML: {e.problem}"
-        raise _problem(source, msg, line) from None
+        raise _problem(source, msg, line, what) from None
     except (yaml.YAMLError, RecursionError) as e:
-        raise _problem(source, f"not valid YAML: {e}") from None
+        raise _problem(source, f"not valid YAML: {e}", what=what) from None
     except ValueError as e:  # a number too long to convert (Python's int digit limit), say
-        raise _problem(source, f"not a usable {what}: {str(e).splitlines()[0][:200]}") from None
+        raise _problem(source, f"not a usable {what}: {str(e).splitlines()[0][:200]}", what=what) from None
     if not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "nothing"
-        raise _problem(source, f"the {what} must be a mapping of keys to values, found {kind}", node.start_mark.line + 1)
+        raise _problem(source, f"the {what} must be a mapping of keys to values, found {kind}", node.start_mark.line + 1, what)
     lines: dict = {}
     _lines(node, (), lines)
     return LoadedYaml(data, lines, source)

@@ -165,6 +165,18 @@ def test_directory_and_missing_file(tmp_path):
     assert code == 2 and "nope.yaml" in out and "not found" in out
 
 
+def test_a_missing_or_broken_grid_file_is_named_as_a_grid(tmp_path):
+    """Not 'invalid spec' for a file that is missing, nor 'spec' for a grid file."""
+    code, out, _ = _invoke("grid", str(tmp_path / "nope.yaml"))
+    assert (code, out.strip()) == (2, f"error: grid file not found: {tmp_path / 'nope.yaml'}")
+    code, out, _ = _invoke("run", str(tmp_path / "nope.yaml"))
+    assert (code, out.strip()) == (2, f"error: spec file not found: {tmp_path / 'nope.yaml'}")
+    bad = tmp_path / "g.yaml"
+    bad.write_text("base: spec.yaml\ngrid: {seed: [0, 1\n")
+    code, out, _ = _invoke("grid", str(bad))
+    assert code == 2 and out.startswith(f"error: invalid grid: {bad}:") and "not valid YAML" in out and "spec" not in out, out
+
+
 @pytest.mark.parametrize("override,expect", [
     ("stages.train.epochs=zero", "--set stages.train.epochs=zero"),
     ("stages.train.epochs", "must look like key.path=value"),
