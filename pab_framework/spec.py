@@ -346,6 +346,11 @@ def set_path(data: dict, key: str, value: Any, label: str | None = None) -> tupl
 
 # --------------------------------------------------------------------------- loading
 class _Resolver:
+    """Resolves every plugin call of a spec (registry look-up, the plugin's own `Params`) and
+    collects every problem on the way instead of stopping at the first: a section that does not
+    validate is still searched for the plugin calls inside it, so a misspelt pruner name is
+    reported together with a bad density beside it."""
+
     def __init__(self, reg: Registry):
         self.reg = reg
         self.problems: list[tuple[tuple, str]] = []
@@ -356,13 +361,21 @@ class _Resolver:
         except PluginError as e:
             self.problems.append((loc + ("name",), e.message))
             return
+        params = self._params(entry, call.plugin_keys(), loc, type(call))
+        if params is not None:
+            call._entry, call._params = entry, params
+
+    def _params(self, entry, keys: dict, loc: tuple, base: type[BaseModel]):
+        """The plugin's `Params` from `keys`, walked for nested calls; None (problems noted, and the
+        calls nested in the raw keys checked anyway) when they do not validate."""
         try:
-            params = entry.Params.model_validate(call.plugin_keys())
+            params = entry.Params.model_validate(keys)
         except ValidationError as err:
-            self.problems += problems_from_validation(err, loc, _merged_model(type(call), entry.Params))
-            return
-        call._entry, call._params = entry, params
+            self.problems += problems_from_validation(err, loc, _merged_model(base, entry.Params))
+            self.raw_fields(entry.Params, keys, loc)
+            return None
         self.walk(params, loc)
+        return params
 
     def walk(self, obj: Any, loc: tuple) -> None:
         """Resolve every plugin call nested inside a validated model."""
@@ -385,14 +398,84 @@ class _Resolver:
         except PluginError as e:
             self.problems.append((loc + ("kind",), e.message))
             return
-        keys = dict(st.model_extra or {})
-        try:
-            params = entry.Params.model_validate(keys)
-        except ValidationError as err:
-            self.problems += problems_from_validation(err, loc, _merged_model(StageSpec, entry.Params))
+        params = self._params(entry, dict(st.model_extra or {}), loc, StageSpec)
+        if params is not None:
+            st._entry, st._params = entry, params
+
+    # ------------------------------------------------------------------ sections that did not validate
+    def raw_spec(self, data: Any) -> None:
+        """The plugin calls of a spec dict whose structure did not validate, checked as far as they can be."""
+        if not isinstance(data, dict):
             return
-        st._entry, st._params = entry, params
-        self.walk(params, loc)
+        self.raw_call(ModelCall, data.get("model"), ("model",))
+        self.raw_call(DataCall, data.get("data"), ("data",))
+        stages = data.get("stages")
+        for sid, st in (stages.items() if isinstance(stages, dict) else ()):
+            if isinstance(st, dict) and isinstance(st.get("kind"), str):
+                try:
+                    entry = self.reg.get("pab.stages", st["kind"])
+                except PluginError as e:
+                    self.problems.append((("stages", sid, "kind"), e.message))
+                    continue
+                self._params(entry, {k: v for k, v in st.items() if k not in StageSpec.model_fields}, ("stages", sid), StageSpec)
+
+    def raw_call(self, cls: type[PluginCall], raw: Any, loc: tuple) -> None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            return  # not a plugin call at all: the enclosing model's validation said so
+        try:
+            call = cls.model_validate(raw)
+        except ValidationError:  # its framework keys (density, ...): reported by the enclosing model
+            call = None
+        if call is not None:
+            self.call(call, loc)
+            return
+        try:
+            entry = self.reg.get(cls.group, raw["name"])
+        except PluginError as e:
+            self.problems.append((loc + ("name",), e.message))
+            return
+        self._params(entry, {k: v for k, v in raw.items() if k not in cls.model_fields}, loc, cls)
+
+    def raw_fields(self, model: type[BaseModel], raw: dict, loc: tuple) -> None:
+        """The plugin calls inside the raw keys of a model that did not validate."""
+        for fname, field in model.model_fields.items():
+            if fname not in raw:
+                continue
+            found = _model_in(field.annotation)
+            if found is None:
+                continue
+            sub, shape = found
+            value = raw[fname]
+            items = (list(enumerate(value)) if shape == "list" and isinstance(value, list)
+                     else list(value.items()) if shape == "dict" and isinstance(value, dict)
+                     else [(None, value)] if shape == "one" else [])
+            for k, v in items:
+                where = loc + (fname,) + (() if k is None else (k,))
+                if issubclass(sub, PluginCall):
+                    self.raw_call(sub, v, where)
+                elif isinstance(v, dict):
+                    self.raw_fields(sub, v, where)
+
+
+def _model_in(tp: Any, shape: str = "one") -> tuple[type[BaseModel], str] | None:
+    """The pydantic model a field annotation holds, and how: one, a list or a dict of them."""
+    import types
+
+    origin = get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        for a in get_args(tp):
+            if a is not type(None):
+                found = _model_in(a, shape)
+                if found is not None:
+                    return found
+        return None
+    if origin is list and shape == "one":
+        return _model_in(get_args(tp)[0], "list") if get_args(tp) else None
+    if origin is dict and shape == "one":
+        return _model_in(get_args(tp)[-1], "dict") if get_args(tp) else None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp, shape
+    return None
 
 
 class _FieldSet:
@@ -408,12 +491,13 @@ def _merged_model(base: type[BaseModel], params: type[BaseModel]) -> _FieldSet:
     return _FieldSet(base, params)
 
 
-def _check_graph(spec: ExperimentSpec) -> list[tuple[tuple, str]]:
+def _check_graph(after: dict[str, list]) -> list[tuple[tuple, str]]:
+    """Problems of the stage graph: `after` maps each stage id to the stages it runs after."""
     problems = []
-    ids = list(spec.stages)
-    for sid, st in spec.stages.items():
-        for i, dep in enumerate(st.after):
-            if dep not in spec.stages:
+    ids = list(after)
+    for sid, deps in after.items():
+        for i, dep in enumerate(deps):
+            if dep not in after:
                 close = difflib.get_close_matches(dep, ids, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 problems.append((("stages", sid, "after", i), f"stage {sid!r} runs after {dep!r}, which is not a stage of this spec{hint} Stages: {', '.join(ids)}"))
@@ -423,7 +507,7 @@ def _check_graph(spec: ExperimentSpec) -> list[tuple[tuple, str]]:
         return problems
     from .graph import find_cycle
 
-    cycle = find_cycle({sid: list(st.after) for sid, st in spec.stages.items()})
+    cycle = find_cycle({sid: list(deps) for sid, deps in after.items()})
     if cycle:
         problems.append((("stages", cycle[0], "after"), "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]])))
     return problems
@@ -442,6 +526,16 @@ def _finite_problems(data: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
     elif isinstance(data, float) and not math.isfinite(data):
         out.append((path, f"must be a finite number (got {data})"))
     return out
+
+
+def _without_nonfinite(data: Any) -> Any:
+    """`data` with every non-finite number replaced by None and every key that is not text left
+    out (both already reported): nothing downstream reports them again or has to cope with them."""
+    if isinstance(data, dict):
+        return {k: _without_nonfinite(v) for k, v in data.items() if isinstance(k, (str, int)) and not isinstance(k, bool)}
+    if isinstance(data, list):
+        return [_without_nonfinite(v) for v in data]
+    return None if isinstance(data, float) and not math.isfinite(data) else data
 
 
 def spec_from_dict(
@@ -465,22 +559,34 @@ def spec_from_dict(
                 probs.append(Problem(path, msg, None, f"--set {over}"))
             else:
                 probs.append(Problem(path, msg, loaded.line_of(path) if loaded else None, source))
+        probs.sort(key=lambda p: (p.line is None, p.line or 0))  # in the order they stand in the file
         raise SpecError(probs)
 
+    # every problem in one go: non-finite numbers, the structure, every plugin section, the graph
     bad = _finite_problems(data)
-    if bad:
-        fail(bad)
+    if bad:  # each named once; the flagged values are left out of what is validated next
+        data = _without_nonfinite(data)
+    res = _Resolver(reg)
+    spec: ExperimentSpec | None = None
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as err:
-        fail(problems_from_validation(err, (), ExperimentSpec))
-    res = _Resolver(reg)
-    res.call(spec.model, ("model",))
-    res.call(spec.data, ("data",))
-    for sid, st in spec.stages.items():
-        res.stage(sid, st)
-    problems = res.problems + _check_graph(spec)
-    if problems:
+        structure = problems_from_validation(err, (), ExperimentSpec)
+        res.raw_spec(data)
+        raw = data.get("stages") if isinstance(data, dict) else None
+        after = {sid: (st.get("after") or []) if isinstance(st, dict) else [] for sid, st in raw.items()} if isinstance(raw, dict) else {}
+        readable = all(isinstance(sid, str) and isinstance(a, list) and all(isinstance(x, str) for x in a) for sid, a in after.items())
+        graph = _check_graph(after) if readable else []  # a graph that does not parse: its structure problems say why
+    else:
+        structure = []
+        res.call(spec.model, ("model",))
+        res.call(spec.data, ("data",))
+        for sid, st in spec.stages.items():
+            res.stage(sid, st)
+        graph = _check_graph({sid: list(st.after) for sid, st in spec.stages.items()})
+    flagged = {p for p, _ in bad}
+    problems = list(dict.fromkeys(bad + [(p, m) for p, m in structure + res.problems + graph if p not in flagged]))
+    if problems or spec is None:
         fail(problems)
     spec._base_dir = base_dir if base_dir is not None else Path(".")
     spec._source = source

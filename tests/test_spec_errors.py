@@ -44,6 +44,49 @@ def test_bad_values(write_spec, old, new, needles):
     _check(p, str(p), *needles)
 
 
+def _lines_of(out: str) -> list[str]:
+    return [l.strip()[2:] for l in out.splitlines() if l.strip().startswith("- ")]
+
+
+def test_every_problem_in_one_run(write_spec):
+    """A misspelt pruner name beside a bad density, a wrong runtime value (which fails the spec's
+    structure before any plugin is looked up), an unknown model key, a nested optimizer and a
+    dangling `after`: all reported at once, in file order, each once."""
+    text = (TINY_SPEC.replace("name: synflow, density: 0.3", "name: synflw, density: -0.3")
+            .replace("device: cpu", "device: tpu")
+            .replace("hidden: [32]", "hidden: [32], hiden: 3")
+            .replace("tau: 1.0e-6}", "tau: .inf, rest: {name: sgd, lr: -1, momentm: 0.9}}")
+            .replace("after: [prune]", "after: [prun]"))
+    p = write_spec(text)
+    lines = _lines_of(_check(p))
+    name = str(p)
+    assert [l.split(": ", 1)[0] for l in lines] == [
+        f"{name}:3, model.hiden",
+        f"{name}:8, stages.prune.pruner.density",
+        f"{name}:8, stages.prune.pruner.name",
+        f"{name}:11, stages.train.after[0]",
+        f"{name}:13, stages.train.optimizer.tau",
+        f"{name}:13, stages.train.optimizer.rest.lr",
+        f"{name}:13, stages.train.optimizer.rest.momentm",
+        f"{name}:14, runtime.device",
+    ], lines
+    assert "unknown pruner 'synflw'; did you mean 'synflow'?" in lines[2]
+    assert "must be a finite number (got inf)" in lines[4]  # once, not again as a range error
+    # the same spec fixed one problem at a time loses exactly that line
+    fixed = write_spec(text.replace("name: synflw", "name: synflow"), "fixed.yaml")
+    assert len(_lines_of(_check(fixed))) == len(lines) - 1
+
+
+def test_problems_inside_a_section_that_fails_validation(write_spec):
+    """The prune stage's own Params fail (a bad density) and the train stage's (epochs), and
+    still the plugins named inside them are looked up and their keys checked."""
+    text = (TINY_SPEC.replace("density: 0.3", "density: 7")
+            .replace("epochs: 2", "epochs: -1")
+            .replace("optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}", "optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6, rest: {name: adamm}}"))
+    out = _check(write_spec(text), "stages.prune.pruner.density", "stages.train.epochs", "stages.train.optimizer.rest.name: unknown optimizer 'adamm'")
+    assert len(_lines_of(out)) == 3, out
+
+
 def test_cycle(write_spec):
     text = TINY_SPEC.replace("    kind: prune\n", "    kind: prune\n    after: [train]\n")
     _check(write_spec(text), "cycle", "prune -> train -> prune")
