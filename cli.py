@@ -139,8 +139,9 @@ def run(
     writing a checkpoint (run again to resume); 4 a write failed (full disk), earlier files intact.
     Under several processes the job's code is the failing rank's."""
     from pab_framework import distributed
+    from pab_framework.datacheck import check_data
     from pab_framework.errors import PabError
-    from pab_framework.pipeline import run_spec
+    from pab_framework.pipeline import plan, run_spec
     from pab_framework.progress import Reporter
     from pab_framework.spec import load_spec
 
@@ -149,6 +150,7 @@ def run(
         n = nproc or s.runtime.nproc_per_node
         if n > 1 and not distributed.under_launcher():
             distributed.check(s, distributed.DistInfo(world_size=n, local_world_size=n), distributed.pick_device(s.runtime, distributed.DistInfo()))
+            check_data(s, [sid for sid, _, _, complete in plan(s, n) if force or not complete])  # once, before N processes start
             argv = ["run", str(spec), *[a for o in set_ or [] for a in ("--set", o)], *(["--force"] if force else []),
                     *(["--restart"] if restart else []), *(["--progress", progress] if progress else []), *(["--debug"] if debug else [])]
             code = distributed.launch(argv, n, debug=debug, log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
@@ -186,6 +188,7 @@ def _stage_table(title: str, rows, time_col: str = "time (s)") -> Table:
 def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, debug: bool = DebugOpt):
     """Check SPEC (or a grid file, every run of it) without running it: exit 0 when valid, 2 with the problems otherwise."""
     from pab_framework import grid as G
+    from pab_framework.datacheck import check_data
     from pab_framework.errors import PabError
     from pab_framework.pipeline import plan
     from pab_framework.spec import load_spec
@@ -193,14 +196,17 @@ def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, debug: bo
     try:
         if G.looks_like_grid(spec):  # a grid file: validate every run it expands to
             g = G.load_grid(spec, set_ or [])
+            G.check_runs_data(g, G.plan_grid(g))
             out.print(f"{spec}: a valid grid ({len(g.runs)} runs of {_rel(g.base)}); `pab grid {spec} --dry-run` shows the runs and the stages they share")
             return
         s = load_spec(spec, set_ or [])
+        steps = plan(s)
+        check_data(s, [sid for sid, _, _, complete in steps if not complete])  # a complete stage needs no data
     except PabError as e:
         _fail(e, debug)
         return
     out.print(f"{spec}: valid ({len(s.stages)} stages)")
-    for sid, key, d, complete in plan(s):
+    for sid, key, d, complete in steps:
         out.print(f"  {sid:<12} {s.stages[sid].kind:<10} {'complete' if complete else 'to run':<9} {_rel(d)}")
 
 

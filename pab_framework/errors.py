@@ -74,7 +74,12 @@ class PluginError(PabError):
 
 
 class DataError(PabError):
-    """Data that is missing or unreadable."""
+    """Data that is missing or unreadable. `key`: the dataset parameter at fault (`root`, say),
+    so that the message can name the spec's line of `data.<key>`."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class ArtifactError(PabError):

@@ -360,6 +360,25 @@ def plan_grid(grid: Grid) -> dict[int, list[StagePlan]]:
     }
 
 
+def check_runs_data(grid: Grid, plans: dict[int, list[StagePlan]], force: bool = False) -> None:
+    """The data every run's stages to compute will read is there (pab_framework.datacheck); one
+    GridError naming each problem and the runs it stops, before any run starts."""
+    from . import datacheck
+
+    found: dict[str, list[int]] = {}
+    for run in grid.runs:
+        ids = [sp.stage_id for sp in plans[run.index] if force or not sp.complete]
+        for p in datacheck.problems(run.spec, ids, name_stages=False):
+            found.setdefault(p.render(), []).append(run.index)
+    if found:
+        def runs(r: list[int]) -> str:
+            if len(r) == len(grid.runs) > 1:
+                return f"all {len(r)} runs"
+            return f"run{'s' if len(r) > 1 else ''} {', '.join(map(str, r[:8]))}{'...' if len(r) > 8 else ''}"
+
+        raise _grid_error([Problem((), f"{msg} ({runs(r)})") for msg, r in found.items()], title="missing data")
+
+
 def plan_summary(plans: dict[int, list[StagePlan]]) -> list[dict]:
     """Per stage id: how many runs, how many distinct directories, how many already complete."""
     out: dict[str, dict] = {}
@@ -487,6 +506,7 @@ def run_grid(
 ) -> GridOutcome:
     """Run every run of the grid that is not complete; write the results after each one."""
     plans = plan_grid(grid)
+    check_runs_data(grid, plans, force)  # before the first run starts
     records: dict[int, dict] = {}
     grid.dir.mkdir(parents=True, exist_ok=True)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, checkpoint, distributed
+from . import artifacts, checkpoint, datacheck, distributed
 from .context import DistInfo, StageContext, Upstream
 from .errors import PabError
 from .graph import stage_keys, topological_order
@@ -90,6 +90,8 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
     # under DDP rank 0 decides what is complete (every rank must take the same path) and every
     # rank reads what it wrote only after a barrier
     steps = dist.broadcast_object([(sid, key, str(sdir), complete) for sid, key, sdir, complete in plan(spec, dist.world_size)])
+    # the data the stages to run will read is there, before the first starts (reused stages read none)
+    datacheck.check_data(spec, [sid for sid, _, _, complete in steps if force or not complete])
     for sid, key, sdir, complete in steps:
         sdir = Path(sdir)
         st = spec.stages[sid]

@@ -206,6 +206,8 @@ class ExperimentSpec(StrictModel):
     # where the spec came from: relative paths in it resolve against this directory
     _base_dir: Path = PrivateAttr(default=Path("."))
     _source: str = PrivateAttr(default="<spec>")
+    _loaded: Any = PrivateAttr(default=None)  # the parsed file's lines, for problem()
+    _overridden: dict = PrivateAttr(default_factory=dict)  # key path -> the --set that gave it
 
     @field_validator("stages")
     @classmethod
@@ -222,6 +224,11 @@ class ExperimentSpec(StrictModel):
     @property
     def source(self) -> str:
         return self._source
+
+    def problem(self, path: tuple, message: str) -> Problem:
+        """A problem with the value at key path `path`, placed where that value came from (the
+        spec file and line, or the --set that gave it)."""
+        return _locate(path, message, self._source, self._loaded, self._overridden)
 
     def resolve_path(self, p: str | Path) -> Path:
         p = Path(p).expanduser()
@@ -528,6 +535,14 @@ def _finite_problems(data: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
     return out
 
 
+def _locate(path: tuple, message: str, source: str, loaded: LoadedYaml | None, overridden: dict) -> Problem:
+    """A Problem at key path `path`: from the --set that set it (or a mapping above it), else the file's line."""
+    over = next((a for p, a in overridden.items() if tuple(path[: len(p)]) == p), None)
+    if over is not None:
+        return Problem(path, message, None, f"--set {over}")
+    return Problem(path, message, loaded.line_of(path) if loaded else None, source)
+
+
 def _without_nonfinite(data: Any) -> Any:
     """`data` with every non-finite number replaced by None and every key that is not text left
     out (both already reported): nothing downstream reports them again or has to cope with them."""
@@ -552,13 +567,7 @@ def spec_from_dict(
     overridden = overridden or {}
 
     def fail(items: list[tuple[tuple, str]]):
-        probs = []
-        for path, msg in items:
-            over = next((a for p, a in overridden.items() if path[: len(p)] == p), None)
-            if over is not None:
-                probs.append(Problem(path, msg, None, f"--set {over}"))
-            else:
-                probs.append(Problem(path, msg, loaded.line_of(path) if loaded else None, source))
+        probs = [_locate(path, msg, source, loaded, overridden) for path, msg in items]
         probs.sort(key=lambda p: (p.line is None, p.line or 0))  # in the order they stand in the file
         raise SpecError(probs)
 
@@ -590,6 +599,7 @@ def spec_from_dict(
         fail(problems)
     spec._base_dir = base_dir if base_dir is not None else Path(".")
     spec._source = source
+    spec._loaded, spec._overridden = loaded, dict(overridden)
     return spec
 
 

@@ -208,14 +208,18 @@ def test_grid_2x2x2_two_workers_shares_prune_stages_and_resumes(tmp_path):
 
 
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
-    missing = tmp_path / "no-cifar-here"
+    # run 3's image folder passes the check before the grid starts (train/ and val/ hold class
+    # folders) but has no images: its train stage fails when it builds the data
+    from test_missing_data import image_folder
+
+    unusable = image_folder(tmp_path / "no-images-here", empty=True)
     p = _write(
         tmp_path,
         "base: spec.yaml\n"
         "grid:\n  seed: [0]\n"
         "zip:\n"
         "  stages.train.optimizer.ar: [1.0e-3, 1.0e-2, 1.0e-3]\n"
-        f"  data: [{{name: digits, batch_size: 128}}, {{name: digits, batch_size: 64}}, {{name: cifar10, root: {missing}}}]\n"
+        f"  data: [{{name: digits, batch_size: 128}}, {{name: digits, batch_size: 64}}, {{name: imagefolder, root: {unusable}, image_size: 8}}]\n"
         "set: {stages.train.epochs: 1, stages.prune.pruner.name: magnitude}\n",
     )
     res = _cli("grid", str(p), "--workers", "2")
@@ -224,7 +228,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
     status = {r["run"]: r["status"] for r in results["rows"]}
     assert status == {1: "ok", 2: "ok", 3: "failed"}
     bad = results["rows"][2]
-    assert "CIFAR10 data not found" in bad["error"] and str(missing) in bad["error"]
+    assert "is unusable" in bad["error"] and str(unusable) in bad["error"]
     assert bad["val_acc"] is None
     assert all(r["val_acc"] is not None for r in results["rows"][:2])
     assert "run 3 failed" in res.output and "2 ok, 1 failed" in res.output

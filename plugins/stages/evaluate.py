@@ -14,6 +14,9 @@ class EvaluateStage:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
+    def data_splits(self, params) -> tuple[str, ...]:
+        return ("val",)
+
     def run(self, ctx) -> dict:
         model, masks = ctx.load_model()
         model.to(ctx.device)

@@ -17,6 +17,10 @@ class PruneStage:
         model_config = ConfigDict(extra="forbid")
         pruner: PrunerCall = Field(..., description="Which pruner, and the masking options (density, iterations, schedule, scope).")
 
+    def data_splits(self, params) -> tuple[str, ...]:
+        """The pruning batches come from the training split, for pruners that score with data."""
+        return ("train",) if getattr(params.pruner.plugin, "needs_data", True) else ()
+
     def run(self, ctx) -> dict:
         params = ctx.params
         call = params.pruner

@@ -69,6 +69,10 @@ class TrainStage:
             "stop", description="A non-finite loss: `stop` the stage with an error (the last good checkpoint is kept) or `skip` the step."
         )
 
+    def data_splits(self, params) -> tuple[str, ...]:
+        """What must exist before the stage starts (pab_framework.datacheck)."""
+        return ("train", "val")
+
     def run(self, ctx) -> dict:
         p = ctx.params
         model, masks = ctx.load_model()
