@@ -135,8 +135,9 @@ def run(
     With --nproc N (or runtime.nproc_per_node: N) the run is N processes under DistributedDataParallel,
     started through torch's elastic launcher; `torchrun ... -m pab_framework run SPEC` works alike.
 
-    Exit codes: 0 done; 2 bad input (spec, artifact, plugin); 3 stopped by SIGTERM/SIGINT after
-    writing a checkpoint (run again to resume); 4 a write failed (full disk), earlier files intact.
+    Exit codes: 0 done; 2 bad input (spec, missing data, artifact, plugin) or a non-finite loss; 3 stopped
+    by SIGTERM/SIGINT after writing a checkpoint (run again to resume); 4 a write failed (full disk),
+    earlier files intact.
     Under several processes the job's code is the failing rank's."""
     from pab_framework import distributed
     from pab_framework.datacheck import check_data
