@@ -15,7 +15,7 @@ from . import artifacts
 from .data import Batches, DataInfo
 from .distributed import DistInfo
 from .errors import ArtifactError
-from .modelutil import apply_masks_, initialise, prunable_parameters
+from .modelutil import apply_masks_, build_model, prunable_parameters
 from .progress import Reporter
 from .spec import ExperimentSpec, StageSpec
 
@@ -125,16 +125,7 @@ class StageContext:
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         """The model at initialisation: the same weights for the same seed, on every run and rank."""
-        call = self.spec.model
-        info = self.data_info()
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
-            model = call.plugin.build(call.params, info.num_classes, tuple(info.input_shape))
-            initialise(model, call.init, call.init_scope)
-        finally:
-            torch.random.set_rng_state(state)
-        return model
+        return build_model(self.spec.model, self.data_info(), self.seed)
 
     def upstream_model_dir(self) -> Path | None:
         """The latest upstream stage (in `after:` order) that left a model artifact."""

@@ -30,7 +30,12 @@ class PluginCall(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     group: ClassVar[str] = ""
+    also_groups: ClassVar[tuple[str, ...]] = ()  # further entry-point groups searched for `name`, in order
     name: str = Field(description="Which plugin; `pab plugins` lists the installed ones.")
+
+    @classmethod
+    def groups(cls) -> tuple[str, ...]:
+        return (cls.group, *cls.also_groups)
 
     _entry: Any = PrivateAttr(default=None)
     _params: Any = PrivateAttr(default=None)
@@ -105,6 +110,13 @@ class PrunerCall(PluginCall):
         100, ge=1, le=1_000_000, description="Samples per pruning batch, drawn from a seeded subset of the training set."
     )
 
+    def mask_policy(self):
+        """The masking options of this section (how scores become masks), for `masking.prune`."""
+        from .masking import MaskPolicy
+
+        return MaskPolicy(density=self.density, iterations=self.iterations, schedule=self.schedule, scope=self.scope,
+                          classifier_density=self.classifier_density, prune_bias=self.prune_bias, prune_batchnorm=self.prune_batchnorm)
+
 
 class OptimizerCall(PluginCall):
     group: ClassVar[str] = "pab.optimizers"
@@ -112,6 +124,14 @@ class OptimizerCall(PluginCall):
 
 class QuantizerCall(PluginCall):
     group: ClassVar[str] = "pab.quantizers"
+
+
+class TransformCall(PluginCall):
+    """A model transform of a training stage: a `pab.transforms` plugin, or a gradient quantizer
+    (`pab.quantizers`, such as psg), which is a transform too."""
+
+    group: ClassVar[str] = "pab.transforms"
+    also_groups: ClassVar[tuple[str, ...]] = ("pab.quantizers",)
 
 
 # --------------------------------------------------------------------------- the spec
@@ -307,12 +327,18 @@ def problems_from_validation(err: ValidationError, prefix: tuple, model: type[Ba
 
 
 # --------------------------------------------------------------------------- overrides
-def apply_override(data: dict, assignment: str) -> tuple:
-    """Apply `a.b.c=value` to a spec dict in place; returns the key path set."""
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """`a.b.c=value` (the value read as YAML) as (key path, value): the one parser of `--set`."""
     if "=" not in assignment:
         raise SpecError([Problem((), f"override {assignment!r} must look like key.path=value", None, "--set")])
     key, raw = assignment.split("=", 1)
-    return set_path(data, key, parse_scalar(raw), assignment)
+    return key.strip(), parse_scalar(raw)
+
+
+def apply_override(data: dict, assignment: str) -> tuple:
+    """Apply `a.b.c=value` to a spec dict in place; returns the key path set."""
+    key, value = parse_override(assignment)
+    return set_path(data, key, value, assignment)
 
 
 def set_path(data: dict, key: str, value: Any, label: str | None = None) -> tuple:
@@ -352,7 +378,7 @@ class _Resolver:
 
     def call(self, call: PluginCall, loc: tuple) -> None:
         try:
-            entry = self.reg.get(call.group, call.name)
+            entry = self.reg.get_any(call.groups(), call.name)
         except PluginError as e:
             self.problems.append((loc + ("name",), e.message))
             return

@@ -1,0 +1,59 @@
+"""The plan of a grid: which stage directories each run uses, which are complete, which are shared."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gridfile import Grid, Run
+
+
+@dataclass
+class StagePlan:
+    stage_id: str
+    kind: str
+    key: str
+    dir: Path
+    complete: bool
+    shared_by: list[int]  # run indices using this directory
+
+
+def plan_grid(grid: Grid) -> dict[int, list[StagePlan]]:
+    """For every run, its stages in order: directory, completeness, and which runs share it."""
+    from ..pipeline import plan
+
+    users: dict[Path, list[int]] = {}
+    per_run: dict[int, list[tuple]] = {}
+    for run in grid.runs:
+        per_run[run.index] = plan(run.spec)
+        for _, _, d, _ in per_run[run.index]:
+            users.setdefault(d, []).append(run.index)
+    return {
+        i: [StagePlan(sid, grid.runs[0].spec.stages[sid].kind if sid in grid.runs[0].spec.stages else "?", key, d, done, users[d]) for sid, key, d, done in rows]
+        for i, rows in per_run.items()
+    }
+
+
+def plan_summary(plans: dict[int, list[StagePlan]]) -> list[dict]:
+    """Per stage id: how many runs, how many distinct directories, how many already complete."""
+    out: dict[str, dict] = {}
+    for rows in plans.values():
+        for sp in rows:
+            s = out.setdefault(sp.stage_id, {"stage": sp.stage_id, "runs": 0, "dirs": set(), "complete": set()})
+            s["runs"] += 1
+            s["dirs"].add(sp.dir)
+            if sp.complete:
+                s["complete"].add(sp.dir)
+    return [{"stage": s["stage"], "runs": s["runs"], "distinct": len(s["dirs"]), "complete": len(s["complete"])} for s in out.values()]
+
+
+def schedule(todo: list[Run], plans: dict[int, list[StagePlan]]) -> list[Run]:
+    """Runs whose stages nobody before them computes go first: shared stages are then computed
+    in parallel, not waited on by the runs that reuse them."""
+    counts: dict[Path, int] = {}
+    ranked = []
+    for run in todo:
+        rank = max((counts.get(sp.dir, 0) for sp in plans[run.index] if not sp.complete), default=0)
+        for sp in plans[run.index]:
+            counts[sp.dir] = counts.get(sp.dir, 0) + 1
+        ranked.append((rank, run.index, run))
+    return [r for _, _, r in sorted(ranked, key=lambda t: (t[0], t[1]))]
