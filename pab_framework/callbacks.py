@@ -258,6 +258,27 @@ class TestHooks(Callback):
         checkpoint.test_pause("epoch-end", trainer.epoch)
 
 
+# --------------------------------------------------------------------------- kept weights
+class KeepWeights(Callback):
+    """Writes the model and masks after each epoch in `epochs` (0: before the first step) to
+    `model-epoch<k>.pt`, as model.pt is written: the rewinding points later stages take their
+    weights from (`weights_from: {stage, epoch}`). Rank 0 writes."""
+
+    def __init__(self, epochs):
+        self.epochs = set(epochs)
+
+    def _write(self, trainer, epoch: int) -> None:
+        if epoch in self.epochs and trainer.dist.is_main:
+            artifacts.save_model(trainer.dir / artifacts.kept_weights_name(epoch), trainer.model, trainer.masks.as_dict())
+
+    def setup(self, trainer, stack) -> None:
+        if 0 in self.epochs and not (trainer.dir / artifacts.kept_weights_name(0)).is_file():
+            self._write(trainer, 0)  # before resume (setup runs first): the starting weights
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        self._write(trainer, trainer.epoch)
+
+
 # --------------------------------------------------------------------------- DDP
 class RanksAgree(Callback):
     """Under DDP: digests of every rank's final weights and masks, compared. They must be bitwise

@@ -59,13 +59,13 @@ def stage_keys(spec: ExperimentSpec, world_size: int | None = None) -> dict[str,
     The runtime section (device, output directory, processes) is left out unless a stage kind
     asks for its numerics (AMP, a per-rank batch's global size on `world_size` processes): it says
     where and how a result is computed, not what it is."""
-    deps = {sid: list(st.after) for sid, st in spec.stages.items()}
+    deps = {sid: st.dependencies() for sid, st in spec.stages.items()}
     keys: dict[str, str] = {}
     for sid in topological_order(deps):
         material = {
             "format": ARTIFACT_FORMAT,
             "depends": stage_material(spec, sid, world_size),
-            "upstream": {d: keys[d] for d in spec.stages[sid].after},
+            "upstream": {d: keys[d] for d in spec.stages[sid].dependencies()},
         }
         keys[sid] = digest(material)
     return keys

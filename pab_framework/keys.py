@@ -49,6 +49,19 @@ def key_dump(obj: Any) -> Any:
     return to_jsonable_python(obj)
 
 
+def _file_digest(path) -> str | None:
+    import hashlib
+
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
 def runtime_numerics(spec: ExperimentSpec, world_size: int | None = None) -> dict:
     """The part of `runtime` that changes what a training stage computes: mixed precision, and
     the global batch when `batch_size_is: per_rank` runs on several processes. Empty in the
@@ -76,9 +89,17 @@ class KeyView:
         return self.spec.seed
 
     def stage(self) -> dict:
-        """This stage's kind and parameters (its `after:` is covered by the upstream keys)."""
+        """This stage's kind, parameters and sources (which upstream stages' keys, covered by the
+        upstream keys, and which file or epoch its masks and weights come from)."""
         st = self.spec.stages[self.stage_id]
-        return {"kind": st.kind, **(key_dump(st.params) if st.params is not None else {})}
+        out = {"kind": st.kind, **(key_dump(st.params) if st.params is not None else {})}
+        for k in ("masks_from", "weights_from"):
+            src = getattr(st, k)
+            if src is not None:
+                out[k] = key_dump(src)
+                if getattr(src, "path", None):  # a file: what it holds
+                    out[k]["sha256"] = _file_digest(self.spec.resolve_path(src.path))
+        return out
 
     def model(self) -> dict:
         return key_dump(self.spec.model)

@@ -66,7 +66,24 @@ def build_model(call, info, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = call.plugin.build(call.params, info.num_classes, tuple(info.input_shape))
         initialise(model, call.init, call.init_scope)
+    if not call.batchnorm_affine:
+        drop_batchnorm_affine_(model, call.name)
     return model
+
+
+def drop_batchnorm_affine_(model: nn.Module, name: str = "model") -> None:
+    """Every BatchNorm layer of `model` without learned scale and shift (affine=False), in place."""
+    found = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.affine = False
+            m.register_parameter("weight", None)
+            m.register_parameter("bias", None)
+            found += 1
+    if not found:
+        from .errors import PabError
+
+        raise PabError(f"model.batchnorm_affine: false, but the model {name!r} has no BatchNorm layer")
 
 
 def apply_masks_(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:

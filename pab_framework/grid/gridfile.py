@@ -17,7 +17,8 @@ from ..spec import NAME_PATTERN, ExperimentSpec, parse_override, problems_from_v
 from ..yamlio import LoadedYaml, load_yaml_file
 from .slurm import SlurmOptions
 
-GRID_KEYS = ("base", "name", "grid", "zip", "set", "slurm")
+GRID_KEYS = ("base", "name", "variants", "grid", "zip", "set", "slurm")
+AXIS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
 
@@ -51,6 +52,7 @@ class Grid:
     fixed: dict[str, Any]
     slurm: SlurmOptions
     runs: list[Run] = field(default_factory=list)
+    variants: dict[str, dict[str, dict]] = field(default_factory=dict)  # axis -> variant name -> overrides
 
     @property
     def varied_keys(self) -> list[str]:
@@ -132,6 +134,44 @@ def _check_section(loaded: LoadedYaml, section: str, source: str, lists: bool) -
     return out, problems
 
 
+def _check_variants(loaded: LoadedYaml, source: str) -> tuple[dict, list[Problem]]:
+    """`variants:` maps an axis name (a results column, e.g. `method`) to named variants, each a
+    mapping of key paths to values (as `set:`) applied to the runs of that variant: different
+    methods, with different stage graphs, in one grid."""
+    raw = loaded.data.get("variants")
+    if raw is None:
+        return {}, []
+    line = loaded.line_of
+    if not isinstance(raw, dict) or not raw:
+        return {}, [Problem(("variants",), "must map an axis name (e.g. method) to named variants", line(("variants",)), source)]
+    out: dict[str, dict[str, dict]] = {}
+    problems = []
+    for axis, named in raw.items():
+        loc = ("variants", axis)
+        if not isinstance(axis, str) or not AXIS_PATTERN.match(axis):
+            problems.append(Problem(loc, f"axis name {axis!r} must be a word (letters, digits, '_', '-'): it names a results column", line(loc), source))
+            continue
+        if not isinstance(named, dict) or not named:
+            problems.append(Problem(loc, "needs named variants: {name: {key.path: value, ...}, ...}", line(loc), source))
+            continue
+        out[axis] = {}
+        for vname, sets in named.items():
+            vloc = loc + (vname,)
+            if not isinstance(vname, str) or not re.match(NAME_PATTERN, vname):
+                problems.append(Problem(vloc, f"variant name {vname!r} must be letters, digits, '_', '.', '-'", line(vloc), source))
+                continue
+            if sets is None:
+                sets = {}
+            if not isinstance(sets, dict):
+                problems.append(Problem(vloc, "must be a mapping of key paths to values (as set:)", line(vloc), source))
+                continue
+            bad = [k for k in sets if not isinstance(k, str) or not KEY_PATTERN.match(k)]
+            for k in bad:
+                problems.append(Problem(vloc + (k,), "a key path looks like stages.prune.pruner.density", line(vloc + (k,)), source))
+            out[axis][vname] = {k: v for k, v in sets.items() if k not in bad}
+    return out, problems
+
+
 def looks_like_grid(path: str | Path) -> bool:
     """Whether `path` is a grid file (a mapping with `base:` and `grid:` or `zip:`), not a spec.
     False for anything unreadable: loading it as a spec then reports the problem."""
@@ -139,7 +179,7 @@ def looks_like_grid(path: str | Path) -> bool:
         data = load_yaml_file(path).data  # the spec loader's guards (size, depth, tags) apply
     except PabError:
         return False
-    return isinstance(data, dict) and "base" in data and ("grid" in data or "zip" in data)
+    return isinstance(data, dict) and "base" in data and ("grid" in data or "zip" in data or "variants" in data)
 
 
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
@@ -165,6 +205,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
             problems.append(Problem(("name",), f"grid name {name!r} {why}", loaded.line_of(("name",)), source))
         else:
             problems.append(Problem((), f"the grid's name comes from its file name, {name!r}, which {why.replace('must', 'does not')}; set name: in the file", None, source))
+    variants, p0 = _check_variants(loaded, source)
+    problems += p0
     axes, p1 = _check_section(loaded, "grid", source, lists=True)
     zipped, p2 = _check_section(loaded, "zip", source, lists=True)
     fixed, p3 = _check_section(loaded, "set", source, lists=False)
@@ -176,7 +218,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
             if n != lengths[first]:
                 problems.append(Problem(("zip", k), f"zip lists must have equal lengths: {k} has {n} values, {first} has {lengths[first]}", loaded.line_of(("zip", k)), source))
     seen: dict[str, str] = {}
-    for section, keys in (("grid", axes), ("zip", zipped), ("set", fixed)):
+    for section, keys in (("variants", variants), ("grid", axes), ("zip", zipped), ("set", fixed)):
         for k in keys:
             if k in seen:
                 problems.append(Problem((section, k), f"{k} is set in both {seen[k]}: and {section}:", loaded.line_of((section, k)), source))
@@ -210,17 +252,24 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
             raise _grid_error(e.problems) from None
         cli_set[k] = v
 
-    grid = Grid(path=path, name=name, base=base, axes=axes, zipped=zipped, fixed=fixed, slurm=slurm)
-    combos = expand(axes, zipped)
+    # a variant axis varies slowest; its values are the variants' names
+    all_axes = {**{a: list(vs) for a, vs in variants.items()}, **axes}
+    grid = Grid(path=path, name=name, base=base, axes=all_axes, zipped=zipped, fixed=fixed, slurm=slurm, variants=variants)
+    combos = expand(all_axes, zipped)
     bad: list[tuple[Run | int, GridError]] = []
     for i, combo in enumerate(combos, 1):
         run_data = copy.deepcopy(base_loaded.data)
         origin: dict[tuple, Problem] = {}
         try:
-            for section, items in (("set", fixed), ("--set", cli_set), ("grid", {k: v for k, v in combo.items() if k in axes}), ("zip", {k: v for k, v in combo.items() if k in zipped})):
+            chosen = [(a, combo[a]) for a in variants]
+            for section, items in (("set", fixed), *((("variants", a, vname), variants[a][vname]) for a, vname in chosen),
+                                   ("--set", cli_set), ("grid", {k: v for k, v in combo.items() if k in axes}),
+                                   ("zip", {k: v for k, v in combo.items() if k in zipped})):
                 for k, v in items.items():
                     if section == "--set":
                         where = Problem((), "", None, f"--set {k}=...")
+                    elif isinstance(section, tuple):  # a variant's override
+                        where = Problem((), "", loaded.line_of((*section, k)), source)
                     else:
                         vals = axes.get(k) if section == "grid" else zipped.get(k) if section == "zip" else None
                         idx = vals.index(v) if vals is not None else None

@@ -28,8 +28,8 @@ def plan_grid(grid: Grid) -> dict[int, list[StagePlan]]:
         for _, _, d, _ in per_run[run.index]:
             users.setdefault(d, []).append(run.index)
     return {
-        i: [StagePlan(sid, grid.runs[0].spec.stages[sid].kind if sid in grid.runs[0].spec.stages else "?", key, d, done, users[d]) for sid, key, d, done in rows]
-        for i, rows in per_run.items()
+        run.index: [StagePlan(sid, run.spec.stages[sid].kind, key, d, done, users[d]) for sid, key, d, done in per_run[run.index]]
+        for run in grid.runs
     }
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pab_framework.callbacks import KeepWeights
 from pab_framework.masks import MaskState
 from pab_framework.modelutil import prunable_parameters
 from pab_framework.spec import OptimizerCall, QuantizerCall, TransformCall
@@ -32,9 +33,21 @@ class TrainStage:
             description="Also checkpoint every this many steps within an epoch (always at every epoch end); a resume is exact, "
             "so this does not change the result.",
         )
+        keep_weights: list[int] = Field(
+            default_factory=list, description="Also keep the model after these epochs (0: before training) as model-epoch<k>.pt: "
+            "rewinding points for later stages (`weights_from: {stage: <this>, epoch: k}`).")
         on_nonfinite: Literal["stop", "skip"] = Field(
             "stop", description="A non-finite loss: `stop` the stage with an error (the last good checkpoint is kept) or `skip` the step."
         )
+
+        @field_validator("keep_weights")
+        @classmethod
+        def _epochs(cls, v: list[int], info):
+            epochs = info.data.get("epochs")
+            bad = [k for k in v if k < 0 or (epochs is not None and k > epochs)]
+            if bad:
+                raise ValueError(f"epochs to keep must be from 0 to epochs ({epochs}); got {bad}")
+            return sorted(set(v))
 
     def key(self, view) -> dict:
         """The result depends on the whole model and data sections (batch sizes included), the
@@ -48,7 +61,8 @@ class TrainStage:
         state = MaskState.dense_or(model, masks, list(prunable_parameters(model)))
         tctx = TransformContext(state, ctx.device, ctx.seed)
         model = apply_all(model, ([p.quantizer] if p.quantizer is not None else []) + list(p.transforms), tctx)
-        trainer = Trainer(ctx, model, state, p.optimizer, epochs=p.epochs, callbacks=tctx.callbacks, label_smoothing=p.label_smoothing,
+        callbacks = [KeepWeights(p.keep_weights)] if p.keep_weights else []
+        trainer = Trainer(ctx, model, state, p.optimizer, epochs=p.epochs, callbacks=[*callbacks, *tctx.callbacks], label_smoothing=p.label_smoothing,
                           checkpoint_every_steps=p.checkpoint_every_steps, on_nonfinite=p.on_nonfinite)
         result = trainer.fit()
         ctx.save_model(model, state.as_dict())
