@@ -6,6 +6,10 @@ A grid file::
 
     base: cifar10_r18_pab.yaml            # a spec, relative to this file
     name: ablation_pruners                # optional; default: the file's stem
+    variants:                             # optional: an axis of named override sets (slowest)
+      method:
+        pab: {stages.train.optimizer.name: bop}
+        dense: {stages: {train: {kind: train, epochs: 60}}}
     grid:                                 # cartesian product, first key varies slowest
       stages.prune.pruner.name: [synflow, magnitude]
       seed: [0, 1, 2]
