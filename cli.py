@@ -361,7 +361,7 @@ def _print_plan(g, plans) -> None:
     from pab_framework.grid import plan_summary, short_names
 
     keys = g.varied_keys
-    stage_ids = [sp.stage_id for sp in next(iter(plans.values()))]
+    stage_ids = list(dict.fromkeys(sp.stage_id for rows in plans.values() for sp in rows))  # variants may differ in stages
     table = Table(title=f"grid {g.name}: {len(g.runs)} runs of {_rel(g.base)} (dry run)")
     table.add_column("run", justify="right")
     for s in short_names(keys):
@@ -369,8 +369,13 @@ def _print_plan(g, plans) -> None:
     for sid in stage_ids:
         table.add_column(sid, overflow="fold")
     for run in g.runs:
+        by_id = {sp.stage_id: sp for sp in plans[run.index]}
         cells = []
-        for sp in plans[run.index]:
+        for sid in stage_ids:
+            sp = by_id.get(sid)
+            if sp is None:
+                cells.append("-")
+                continue
             note = "done" if sp.complete else "to run"
             if len(sp.shared_by) > 1:
                 note += f", shared x{len(sp.shared_by)}"

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -69,7 +68,7 @@ def baseline_synflow(model: nn.Module, input_shape, density: float, iterations: 
 
 
 def ours(model: nn.Module, input_shape, density: float, iterations: int, pruner=None, pparams=None, batches=()) -> dict:
-    call = SimpleNamespace(name="synflow", density=density, iterations=iterations, schedule="exponential", scope="global")
+    call = masking.MaskPolicy(density=density, iterations=iterations, schedule="exponential", scope="global")
     inputs = masking.PruneInputs(input_shape=tuple(input_shape), num_classes=10, batches=list(batches))
     pruner = pruner or SynFlow()
     return masking.prune(model, pruner, pparams or pruner.Params(), call, inputs)
@@ -83,7 +82,7 @@ def grasp_peak_child(batch: int, n_batches: int) -> None:
     model = torchvision.models.resnet50()
     data = [(torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))) for _ in range(n_batches)]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    call = SimpleNamespace(name="grasp", density=0.5, iterations=1, schedule="exponential", scope="global")
+    call = masking.MaskPolicy(density=0.5, iterations=1, schedule="exponential", scope="global")
     inputs = masking.PruneInputs(input_shape=(3, 224, 224), num_classes=1000, batches=data, dtype=torch.float32)
     t = time.perf_counter()
     masking.prune(model, GraSP(), GraSP.Params(), call, inputs)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pab_framework.modelutil import apply_masks_, prunable_parameters  # noqa: E402
 from plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
 from plugins.optimizers.bop_optim import Bop  # noqa: E402
+from pab_framework.transforms import TransformContext  # noqa: E402
 from plugins.quantizers.psg import PSG  # noqa: E402
 from plugins.quantizers.psg_ops import input_range, quantize_signed_whole  # noqa: E402
 
@@ -150,7 +151,8 @@ def main() -> None:
     y = torch.randint(0, 10, (a.batch,))
 
     plain = copy.deepcopy(base)
-    ours = PSG().apply(copy.deepcopy(base), PSG.Params(), set(masks))
+    work = copy.deepcopy(base)
+    ours = PSG().apply(work, PSG.Params(), TransformContext.of(work, set(masks)))
     branch = two_branch(copy.deepcopy(base), set(masks))
 
     saved_plain = layer_saved_bytes(plain, x, y)

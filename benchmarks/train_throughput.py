@@ -90,7 +90,7 @@ def bare(spec, epochs: int) -> tuple[float, int]:
             loss.backward()
             opt.step()
             n += y.numel()
-        opt.epoch_end(epoch)
+        opt.schedule_epoch(epoch)
         model.eval()
         with torch.no_grad():
             correct = sum(int((model(x.to(device)).argmax(1) == y.to(device)).sum()) for x, y in val)

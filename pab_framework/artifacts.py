@@ -27,6 +27,11 @@ MODEL = "model.pt"
 METRICS = "metrics.jsonl"
 
 
+def kept_weights_name(epoch: int) -> str:
+    """The file a train stage's `keep_weights` writes for `epoch` (0: before training)."""
+    return f"model-epoch{epoch}.pt"
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

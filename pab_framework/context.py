@@ -15,7 +15,7 @@ from . import artifacts
 from .data import Batches, DataInfo
 from .distributed import DistInfo
 from .errors import ArtifactError
-from .modelutil import apply_masks_, initialise, prunable_parameters
+from .modelutil import apply_masks_, build_model, prunable_parameters
 from .progress import Reporter
 from .spec import ExperimentSpec, StageSpec
 
@@ -128,16 +128,7 @@ class StageContext:
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         """The model at initialisation: the same weights for the same seed, on every run and rank."""
-        call = self.spec.model
-        info = self.data_info()
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
-            model = call.plugin.build(call.params, info.num_classes, tuple(info.input_shape))
-            initialise(model, call.init, call.init_scope)
-        finally:
-            torch.random.set_rng_state(state)
-        return model
+        return build_model(self.spec.model, self.data_info(), self.seed)
 
     def upstream_model_dir(self) -> Path | None:
         """The latest upstream stage (in `after:` order) that left a model artifact."""
@@ -147,22 +138,52 @@ class StageContext:
                 return up.dir
         return None
 
+    def source_file(self, src) -> Path:
+        """The model file a `masks_from` / `weights_from` source names (a stage's model.pt, the
+        weights it kept after an epoch, or a path)."""
+        if src.path is not None:
+            return self.spec.resolve_path(src.path)
+        d = self.upstream[src.stage].dir
+        return d / (artifacts.MODEL if src.epoch is None else artifacts.kept_weights_name(src.epoch))
+
     def load_model(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-        """The upstream model and masks; a fresh dense model when no upstream stage left one."""
+        """The model and masks this stage starts from, pruned weights zeroed.
+
+        By default both come from the last stage in `after:` that left a model (a fresh dense
+        model when none did); the stage's `weights_from` (`init`, a stage, a stage's weights
+        after an epoch, a file) and `masks_from` (`dense`, a stage, a file) choose otherwise."""
         model = self.build_model()
-        src = self.upstream_model_dir()
-        if src is None:
-            return model, {}
-        path = src / artifacts.MODEL
-        state, masks = artifacts.load_model_artifact(path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ArtifactError(f"{path}: does not fit the model {self.spec.model.name!r}: {str(e).splitlines()[0]}") from None
+        default = self.upstream_model_dir()
+        default_file = default / artifacts.MODEL if default is not None else None
+        wsrc, msrc = self.stage.weights_from, self.stage.masks_from
+        if wsrc == "init":
+            wfile = None
+        else:
+            wfile = self.source_file(wsrc) if wsrc is not None else default_file
+        if msrc == "dense":
+            mfile = None
+        else:
+            mfile = self.source_file(msrc) if msrc is not None else default_file
+        loaded: dict[Path, tuple[dict, dict]] = {}
+
+        def read(path: Path) -> tuple[dict, dict]:
+            if path not in loaded:
+                if not path.is_file():
+                    raise ArtifactError(f"{path}: not found (stage {self.stage_id} starts from it)")
+                loaded[path] = artifacts.load_model_artifact(path)
+            return loaded[path]
+
+        if wfile is not None:
+            state, _ = read(wfile)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise ArtifactError(f"{wfile}: does not fit the model {self.spec.model.name!r}: {str(e).splitlines()[0]}") from None
+        masks = dict(read(mfile)[1]) if mfile is not None else {}
         params = dict(model.named_parameters())
         for name, m in masks.items():
             if name not in params or params[name].shape != m.shape:
-                raise ArtifactError(f"{path}: mask {name!r} does not match a parameter of the model")
+                raise ArtifactError(f"{mfile}: mask {name!r} does not match a parameter of the model")
         apply_masks_(params, masks)
         return model, masks
 

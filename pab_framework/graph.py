@@ -1,10 +1,8 @@
 """The stage graph: topological order of `after:` and the content key of every stage."""
 from __future__ import annotations
 
+from .keys import ARTIFACT_FORMAT, stage_material
 from .spec import ExperimentSpec, digest
-
-# Bump when the meaning of a stage's artifacts changes, so old caches are not reused.
-ARTIFACT_FORMAT = 1
 
 
 def find_cycle(deps: dict[str, list[str]]) -> list[str] | None:
@@ -54,42 +52,20 @@ def topological_order(deps: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def runtime_numerics(spec: ExperimentSpec, world_size: int | None = None) -> dict:
-    """The part of `runtime` that changes what a training stage computes: mixed precision, and
-    the global batch when `batch_size_is: per_rank` runs on several processes. Empty in the
-    default setting (full precision; `global` batches mean the same on any number of processes)."""
-    rt = spec.runtime
-    w = world_size or rt.nproc_per_node
-    out: dict = {}
-    if rt.amp != "none":
-        out["amp"] = rt.amp
-    if rt.batch_size_is == "per_rank" and w > 1:
-        out["global_batch_size"] = spec.data.batch_size * w
-    return out
-
-
 def stage_keys(spec: ExperimentSpec, world_size: int | None = None) -> dict[str, str]:
-    """Content key of every stage: its own spec, the model, data and seed, and its upstream keys.
+    """Content key of every stage: what its stage kind declares its result depends on
+    (`pab_framework.keys`), the artifact format, and its upstream stages' keys.
 
-    The runtime section (device, output directory, processes) is left out: it says where and how
-    a result is computed, not what it is; except, for stage kinds that declare
-    `runtime_in_key = True` (train), what `runtime_numerics` returns (AMP, a per-rank
-    batch's global size on `world_size` processes), so such runs never reuse each other's results.
-    """
-    resolved = spec.resolved_dict()
-    deps = {sid: list(st.after) for sid, st in spec.stages.items()}
-    numerics = runtime_numerics(spec, world_size)
+    The runtime section (device, output directory, processes) is left out unless a stage kind
+    asks for its numerics (AMP, a per-rank batch's global size on `world_size` processes): it says
+    where and how a result is computed, not what it is."""
+    deps = {sid: st.dependencies() for sid, st in spec.stages.items()}
     keys: dict[str, str] = {}
     for sid in topological_order(deps):
         material = {
             "format": ARTIFACT_FORMAT,
-            "stage": resolved["stages"][sid],
-            "model": resolved["model"],
-            "data": resolved["data"],
-            "seed": spec.seed,
-            "upstream": {d: keys[d] for d in spec.stages[sid].after},
+            "depends": stage_material(spec, sid, world_size),
+            "upstream": {d: keys[d] for d in spec.stages[sid].dependencies()},
         }
-        if numerics and getattr(spec.stages[sid].plugin, "runtime_in_key", False):
-            material["runtime"] = numerics
         keys[sid] = digest(material)
     return keys

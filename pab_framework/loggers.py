@@ -6,7 +6,7 @@ and the cache read it), `tensorboard` (event files in the stage's `tb/` folder, 
 atomically every epoch). Every logger gets the same scalars as metrics.jsonl: the numbers of each
 epoch's row, at step = epoch.
 
-The train stage calls `log_epoch(ctx, row)` once per epoch, on rank 0 only.
+The Trainer's MetricsFiles callback calls `log_epoch(...)` once per epoch, on rank 0 only.
 """
 from __future__ import annotations
 
@@ -106,14 +106,13 @@ def close_loggers(stage_dir: Path | None = None) -> None:
 atexit.register(close_loggers)
 
 
-def log_epoch(ctx: Any, row: dict) -> None:
-    """Send one epoch's metrics row to the spec's loggers; closes them after the last epoch."""
-    d = Path(ctx.dir)
+def log_epoch(stage_dir: str | Path, names: list[str], row: dict, epochs: int | None = None) -> None:
+    """Send one epoch's metrics row to the loggers `names`; closes them after epoch `epochs`."""
+    d = Path(stage_dir)
     if d not in _open or row["epoch"] <= 1:  # the first epoch of a (re)run starts afresh
         close_loggers(d)
-        _open[d] = open_loggers(ctx.spec.runtime.loggers, d)
+        _open[d] = open_loggers(names, d)
     for lg in _open[d]:
         lg.log(row)
-    epochs = getattr(ctx.params, "epochs", None)
     if epochs is not None and row["epoch"] >= epochs:
         close_loggers(d)

@@ -32,6 +32,24 @@ class PruneInputs:
     # float64 views, one per prunable weight, that a pruner may write its scores into (and
     # return), sparing the framework a copy; set by `prune`
     scores_out: dict[str, torch.Tensor] | None = None
+    train_mode: bool = False  # score with BatchNorm in train mode (eval mode by default, as the original)
+
+
+@dataclass(frozen=True)
+class MaskPolicy:
+    """How scores become masks: the kept fraction `density`, reached over `iterations` rounds
+    along `schedule`, with one threshold over all layers (`scope: global`) or one per layer
+    (`local`); the classifier's own `classifier_density`; which tensors are prunable besides the
+    Conv2d/Linear weights (`prune_bias`, `prune_batchnorm`). A spec's pruner section gives one
+    (`PrunerCall.mask_policy()`)."""
+
+    density: float
+    iterations: int = 1
+    schedule: str = "exponential"
+    scope: str = "global"
+    classifier_density: float | None = None
+    prune_bias: bool = False
+    prune_batchnorm: bool = False
 
 
 def density_at(k: int, iterations: int, density: float, schedule: str) -> float:
@@ -181,15 +199,15 @@ def prune(
     model: nn.Module,
     pruner: Any,
     pruner_params: Any,
-    call: Any,
+    call: MaskPolicy,
     inputs: PruneInputs,
     masks: dict[str, torch.Tensor] | None = None,
     on_round: Callable[[int, float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Score and mask `call.iterations` times; returns bool masks by parameter name.
+    """Score and mask `call.iterations` times (`call`: the MaskPolicy); returns bool masks by parameter name.
 
     Scoring runs on a float64 copy of the model (as the original code, to avoid overflow in
-    SynFlow), in eval mode unless `call.train_mode`, with the current masks applied to its
+    SynFlow), in eval mode unless `inputs.train_mode`, with the current masks applied to its
     weights; `model` is untouched. The prunable parameters are the Conv2d/Linear weights, plus
     biases and BatchNorm weights when `call.prune_bias` / `call.prune_batchnorm`. With
     `call.classifier_density`, the classifier layer follows its own density schedule and the
@@ -202,11 +220,11 @@ def prune(
     threshold are a few passes over one vector, not a loop of per-layer copies and concatenations.
     """
     work = copy.deepcopy(model).to(device=inputs.device, dtype=inputs.dtype)
-    work.train(bool(getattr(call, "train_mode", False)))
-    params = prunable_parameters(work, bias=getattr(call, "prune_bias", False), batchnorm=getattr(call, "prune_batchnorm", False))
+    work.train(inputs.train_mode)
+    params = prunable_parameters(work, bias=call.prune_bias, batchnorm=call.prune_batchnorm)
     if len({id(p) for p in params.values()}) != len(params):
         raise PabError("the model shares one weight tensor between prunable layers; pruning needs each layer's own weights")
-    cls_density = getattr(call, "classifier_density", None)
+    cls_density = call.classifier_density
     cls = classifier_name(work, inputs.num_classes) if cls_density is not None else None
     if cls_density is not None and cls not in params:
         raise PabError(f"classifier_density: the model has no prunable Linear layer with {inputs.num_classes} outputs to treat as the classifier")
@@ -237,7 +255,7 @@ def prune(
         with torch.no_grad():
             missing = set(params) - set(got)
             if missing:
-                raise PabError(f"pruner {call.name!r} returned no score for {sorted(missing)[:3]}")
+                raise PabError(f"pruner {getattr(pruner, 'name', type(pruner).__name__)} returned no score for {sorted(missing)[:3]}")
             for n, v in inputs.scores_out.items():  # a pruner may write into scores_out itself
                 s = got[n].detach()
                 if s.data_ptr() != v.data_ptr():

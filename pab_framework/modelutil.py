@@ -58,6 +58,34 @@ def initialise(model: nn.Module, method: str, scope: str) -> None:
             init_weight_(module.weight, method)
 
 
+def build_model(call, info, seed: int) -> nn.Module:
+    """The model a spec's `model:` section describes for data `info` (a DataInfo), initialised as
+    it says, drawn from `seed`: the same weights for the same seed on every run and rank. The
+    global RNG is left as it was. The one place models are built (stages, report, re-init)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = call.plugin.build(call.params, info.num_classes, tuple(info.input_shape))
+        initialise(model, call.init, call.init_scope)
+    if not call.batchnorm_affine:
+        drop_batchnorm_affine_(model, call.name)
+    return model
+
+
+def drop_batchnorm_affine_(model: nn.Module, name: str = "model") -> None:
+    """Every BatchNorm layer of `model` without learned scale and shift (affine=False), in place."""
+    found = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.affine = False
+            m.register_parameter("weight", None)
+            m.register_parameter("bias", None)
+            found += 1
+    if not found:
+        from .errors import PabError
+
+        raise PabError(f"model.batchnorm_affine: false, but the model {name!r} has no BatchNorm layer")
+
+
 def apply_masks_(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
     """Zero the pruned weights in place (one multi-tensor op)."""
     names = [n for n in masks if n in params]

@@ -1,29 +1,45 @@
-"""The interface between the train stage and optimizer plugins.
+"""The interface between the Trainer and optimizer plugins.
 
 An optimizer plugin's `build(params, octx)` returns a `TrainOptimizer`: one object with
-`zero_grad()`, `step()`, `epoch_end()` (schedules; returns figures for metrics.jsonl) and a state
-dict, however many torch optimizers it holds inside (Bop for the masked weights and SGD for the
-rest, say).
+`zero_grad()`, `step()`, per-step and per-epoch schedules, figures recorded into the metrics sink
+and a state dict, however many torch optimizers it holds inside (Bop for the masked weights and
+SGD for the rest, say).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .masks import MaskState
+    from .metrics import MetricsSink
+
 
 @dataclass
 class OptimizerContext:
+    """What an optimizer plugin is built from.
+
+    `named_params`: the trainable parameters it gets (name, parameter), in model order.
+    `masks`: the masks of those of them that are masked, as training starts (bool tensors).
+    `mask_state`: the run's live `MaskState` (every masked parameter): read it during training,
+    or change the sparsity pattern with `mask_state.replace(...)`.
+    `epochs`, `steps_per_epoch`: the length of training, for schedules.
+    `module_of`: parameter name -> the module that holds it.
+    """
+
     named_params: list[tuple[str, nn.Parameter]]
     masks: dict[str, torch.Tensor]
     epochs: int
     steps_per_epoch: int
-    module_of: dict[str, nn.Module] = field(default_factory=dict)  # parameter name -> owning module
+    module_of: dict[str, nn.Module] = field(default_factory=dict)
+    mask_state: "MaskState | None" = None
 
     def subset(self, names: set[str]) -> "OptimizerContext":
-        return OptimizerContext([(n, p) for n, p in self.named_params if n in names], {n: m for n, m in self.masks.items() if n in names}, self.epochs, self.steps_per_epoch, self.module_of)
+        return OptimizerContext([(n, p) for n, p in self.named_params if n in names], {n: m for n, m in self.masks.items() if n in names},
+                                self.epochs, self.steps_per_epoch, self.module_of, self.mask_state)
 
     @property
     def names(self) -> list[str]:
@@ -31,7 +47,11 @@ class OptimizerContext:
 
 
 class TrainOptimizer:
-    """Base: subclasses set `sign_params` to the names whose zeros they keep themselves."""
+    """What the Trainer drives. Subclasses set `sign_params` to the names of the masked weights
+    whose zeros they keep themselves (the Trainer re-masks every other masked weight after each step).
+
+    Per epoch, in this order: `record(sink)` (figures of the epoch that ended), then
+    `schedule_epoch(epoch)` (advance per-epoch schedules)."""
 
     sign_params: frozenset[str] = frozenset()
 
@@ -44,9 +64,11 @@ class TrainOptimizer:
     def step_end(self) -> None:
         """After every step (per-step schedules)."""
 
-    def epoch_end(self, epoch: int) -> dict[str, Any]:
-        """After epoch `epoch` (0-based): advance per-epoch schedules; figures for metrics.jsonl."""
-        return {}
+    def record(self, sink: "MetricsSink") -> None:
+        """Record the figures of the epoch that just ended (learning rate, flips, ...) into `sink`."""
+
+    def schedule_epoch(self, epoch: int) -> None:
+        """After epoch `epoch` (0-based) and its figures: advance per-epoch schedules."""
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -56,7 +78,8 @@ class TrainOptimizer:
 
 
 class TorchOptimizer(TrainOptimizer):
-    """A torch optimizer and an optional LR scheduler stepped per epoch or per step."""
+    """A torch optimizer and an optional LR scheduler stepped per epoch or per step; records the
+    learning rate of the epoch under `label`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None, per_step: bool = False, label: str = "lr"):
         self.optimizer = optimizer
@@ -74,11 +97,12 @@ class TorchOptimizer(TrainOptimizer):
         if self.scheduler is not None and self.per_step:
             self.scheduler.step()
 
-    def epoch_end(self, epoch: int) -> dict[str, Any]:
-        lr = self.optimizer.param_groups[0]["lr"]
+    def record(self, sink: "MetricsSink") -> None:
+        sink.scalar(self.label, self.optimizer.param_groups[0]["lr"])
+
+    def schedule_epoch(self, epoch: int) -> None:
         if self.scheduler is not None and not self.per_step:
             self.scheduler.step()
-        return {self.label: lr}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict() if self.scheduler else None}

@@ -46,7 +46,7 @@ def plan(spec: ExperimentSpec, world_size: int | None = None) -> list[tuple[str,
     """(stage id, key, directory, complete?) in the order the stages run on `world_size` processes
     (default: runtime.nproc_per_node)."""
     keys = stage_keys(spec, world_size)
-    order = topological_order({sid: list(st.after) for sid, st in spec.stages.items()})
+    order = topological_order({sid: st.dependencies() for sid, st in spec.stages.items()})
     return [(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
 
 
@@ -95,7 +95,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
     for sid, key, sdir, complete in steps:
         sdir = Path(sdir)
         st = spec.stages[sid]
-        upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.after}
+        upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.dependencies()}
         if complete and not force:
             outcomes[sid] = _reuse(sid, st.kind, sdir, reporter)
             continue

@@ -22,6 +22,7 @@ GROUPS = {
     "pruner": "pab.pruners",
     "optimizer": "pab.optimizers",
     "quantizer": "pab.quantizers",
+    "transform": "pab.transforms",
     "stage": "pab.stages",
 }
 
@@ -32,6 +33,7 @@ REQUIRED_METHODS = {
     "pab.pruners": ("score",),
     "pab.optimizers": ("build",),
     "pab.quantizers": ("apply",),
+    "pab.transforms": ("apply",),
     "pab.stages": ("run",),
 }
 
@@ -138,6 +140,20 @@ class Registry:
         if name in entries:
             return entries[name]
         raise PluginError(unknown_plugin_message(group, name, sorted(entries), broken.get(name)))
+
+    def get_any(self, groups: tuple[str, ...], name: str) -> Entry:
+        """The plugin `name` from the first of `groups` that has it."""
+        if len(groups) == 1:
+            return self.get(groups[0], name)
+        known: list[str] = []
+        broken = None
+        for g in groups:
+            entries, bad = self._load(g)
+            if name in entries:
+                return entries[name]
+            broken = broken or bad.get(name)
+            known += entries
+        raise PluginError(unknown_plugin_message(groups[0], name, sorted(set(known)), broken))
 
     def clear(self) -> None:
         with self._lock:

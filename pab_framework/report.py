@@ -3,20 +3,23 @@
 RUN_DIR is a stage directory (`runs/<name>/<stage>-<key12>/`), an experiment directory holding
 stage directories, or a grid directory holding `results.json` (or `results.csv`). For each stage:
 
-- training curves (val_acc, train/val loss per epoch) from metrics.jsonl;
-- Bop sign flips per epoch, in total (metrics.jsonl `flips`) and per layer (layers.jsonl
-  `flips_per_layer`), and PSG's kept-gradient fraction per layer (layers.jsonl `psg_kept`) when
-  the run logged them;
+- accuracy and loss per epoch, and a curve of every other scalar in metrics.jsonl, whatever
+  plugin recorded it (Bop's flips, the learning rate, PSG's kept fraction, a third party's own);
+- every per-layer table the run wrote (`<table>.jsonl`: Bop's flips.jsonl, layers.jsonl, ...):
+  each numeric column per epoch, one line per layer, labelled by parameter name;
 - the kept fraction of every prunable layer (result.json `layers`, else the masks in model.pt);
 - parameters and FLOPs, dense and after pruning, and the memory of the weights stored as
   signs + mask versus float32.
+
+Nothing here knows a plugin's names: the series are whatever the run recorded.
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on one forward pass of a single
 input through the model rebuilt from the stage's spec.yaml. Sparse FLOPs scale each Conv2d/Linear
 layer's dense FLOPs by its kept fraction (what a sparse kernel would execute); every other
 operation is counted as dense.
 
-For a grid: val_acc against density for each pruner, mean ± sample standard deviation over seeds.
+For a grid: val_acc against density, one line per combination of the other varied keys (seeds
+aside), mean ± sample standard deviation over seeds, and a table of the same numbers.
 Nothing here needs a network or a browser; matplotlib draws with its Agg canvas.
 """
 from __future__ import annotations
@@ -37,8 +40,9 @@ import yaml
 
 from . import artifacts
 from .errors import ArtifactError, PabError
+from .metrics import table_files
+from .stats import number, over_seeds
 
-LAYERS = "layers.jsonl"
 GRID_FILES = ("results.json", "results.csv")
 FAILED = {"failed", "error", "errored", "pending", "running", "skipped", "cancelled", "incomplete"}
 
@@ -97,10 +101,6 @@ def _epoch_axis(*axes) -> None:
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _short_layer(name: str) -> str:
-    return name[:-7] if name.endswith(".weight") else name
 
 
 def _legend(ax, n: int) -> None:
@@ -215,12 +215,13 @@ def stage_model_cost(d: Path, doc: dict) -> tuple[dict | None, str]:
     """model_cost() of the stage's model.pt, rebuilt from its spec.yaml; (None, why) when it cannot be."""
     if not (d / artifacts.MODEL).is_file():
         return None, "no model.pt in this stage"
+    from .modelutil import build_model
     from .spec import spec_from_dict
 
     try:
         spec = spec_from_dict(json.loads(json.dumps(doc["spec"])), source=str(d / artifacts.SPEC))
         info = spec.data.plugin.info(spec.data.params, base_dir=None)
-        model = spec.model.plugin.build(spec.model.params, info.num_classes, tuple(info.input_shape))
+        model = build_model(spec.model, info, spec.seed)
     except PabError as e:
         return None, f"the model could not be rebuilt from spec.yaml: {e}"
     state, masks = artifacts.load_model_artifact(d / artifacts.MODEL)
@@ -243,81 +244,85 @@ def _col(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _per_layer_series(layer_rows: list[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
-    out: dict[str, tuple[list[int], list[float]]] = {}
-    for r in layer_rows:
-        d = r.get(key)
-        if not isinstance(d, dict):
-            continue
-        for name, v in d.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                xs, ys = out.setdefault(name, ([], []))
-                xs.append(r.get("epoch", len(xs) + 1))
-                ys.append(float(v))
-    return out
+# the Trainer's own columns: drawn as accuracy and loss; the others each get a curve
+CURVES = ("train_acc", "val_acc", "train_loss", "val_loss")
+NOT_SERIES = ("epoch", "val_n")
 
 
-def training_figures(tag: str, metrics: list[dict], layer_rows: list[dict]) -> list[Figure]:
+def _numeric_columns(rows: list[dict], skip: tuple[str, ...]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in skip and k not in cols and isinstance(v, (int, float)) and not isinstance(v, bool):
+                cols.append(k)
+    return cols
+
+
+def _maybe_log(ax, ys: list[float]) -> None:
+    pos = [y for y in ys if y > 0]
+    if pos and len(pos) == len(ys) and max(pos) / min(pos) > 50:
+        ax.set_yscale("log")
+
+
+def training_figures(tag: str, metrics: list[dict], tables: dict[str, list[dict]]) -> list[Figure]:
+    """Accuracy and loss; a small curve for every other scalar of metrics.jsonl; for every per-layer
+    table, one panel per numeric column with a line per layer."""
     figs: list[Figure] = []
     if metrics:
         fig, (a1, a2) = _figure(1, 2, width=9.6)
-        xs, ys = _col(metrics, "val_acc")
-        if ys:
-            a1.plot(xs, ys, marker="o", label="val_acc")
-        xs, ys = _col(metrics, "train_acc")
-        if ys:
-            a1.plot(xs, ys, marker=".", linestyle="--", label="train_acc")
-        a1.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-        a1.legend(fontsize="small")
-        a1.grid(alpha=0.3)
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            xs, ys = _col(metrics, key)
-            if ys:
-                a2.plot(xs, ys, marker="o" if style == "-" else ".", linestyle=style, label=key)
-        a2.set(xlabel="epoch", ylabel="loss", title="loss")
-        a2.legend(fontsize="small")
-        a2.grid(alpha=0.3)
+        for ax, keys, ylabel in ((a1, ("val_acc", "train_acc"), "accuracy"), (a2, ("train_loss", "val_loss"), "loss")):
+            for key in keys:
+                xs, ys = _col(metrics, key)
+                if ys:
+                    ax.plot(xs, ys, marker="o" if key.startswith("val") == (ylabel == "accuracy") else ".",
+                            linestyle="-" if key in ("val_acc", "train_loss") else "--", label=key)
+            ax.set(xlabel="epoch", ylabel=ylabel, title=ylabel)
+            ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
         _epoch_axis(a1, a2)
         figs.append(Figure(f"{tag}_curves", "Accuracy and loss per epoch", _png(fig), "From metrics.jsonl."))
-    xs, ys = _col(metrics, "flips")
-    per_layer = _per_layer_series(layer_rows, "flips_per_layer")
-    if ys or per_layer:
-        fig, (a1, a2) = _figure(1, 2, width=9.6)
-        if ys:
-            a1.plot(xs, ys, marker="o")
-            if min(ys) > 0 and max(ys) / min(ys) > 50:
-                a1.set_yscale("log")
-        a1.set(xlabel="epoch", ylabel="sign flips", title="Bop flips per epoch (all layers)")
-        a1.grid(alpha=0.3)
-        for name, (lx, ly) in per_layer.items():
-            a2.plot(lx, ly, marker=".", label=_short_layer(name))
-        a2.set(xlabel="epoch", ylabel="sign flips", title="Bop flips per epoch, per layer")
-        _legend(a2, len(per_layer))
-        a2.grid(alpha=0.3)
-        _epoch_axis(a1, a2)
-        figs.append(Figure(f"{tag}_flips", "Bop sign flips per epoch", _png(fig),
-                           "Total from metrics.jsonl (flips); per layer from layers.jsonl (flips_per_layer)."))
-    psg = _per_layer_series(layer_rows, "psg_kept")
-    if psg:
-        names = list(psg)
-        fig, (a1, a2) = _figure(1, 2, width=9.6, height=max(3.6, 0.22 * len(names) + 1))
-        last = [psg[n][1][-1] for n in names]
-        a1.barh(range(len(names)), last, color="tab:purple")
-        a1.set_yticks(range(len(names)), [_short_layer(n) for n in names], fontsize="x-small")
-        a1.invert_yaxis()
-        a1.set(xlim=(0, 1), xlabel="kept fraction of gradient entries", title=f"PSG kept gradients (epoch {psg[names[0]][0][-1]})")
-        for name, (lx, ly) in psg.items():
-            a2.plot(lx, ly, marker=".", label=_short_layer(name))
-        a2.set(xlabel="epoch", ylabel="kept fraction", title="PSG kept gradients per epoch", ylim=(0, 1.02))
-        _legend(a2, len(psg))
-        a2.grid(alpha=0.3)
-        _epoch_axis(a2)
-        figs.append(Figure(f"{tag}_psg_kept", "PSG kept-gradient fraction per layer", _png(fig), "From layers.jsonl (psg_kept)."))
+        others = _numeric_columns(metrics, CURVES + NOT_SERIES)
+        if others:
+            ncols = min(3, len(others))
+            nrows = -(-len(others) // ncols)
+            fig, axes = _figure(nrows, ncols, width=3.4 * ncols, height=2.6 * nrows)
+            for ax, key in zip(axes, others):
+                xs, ys = _col(metrics, key)
+                ax.plot(xs, ys, marker=".")
+                _maybe_log(ax, ys)
+                ax.set(xlabel="epoch", title=key)
+                ax.grid(alpha=0.3)
+                _epoch_axis(ax)
+            for ax in axes[len(others):]:
+                ax.set_visible(False)
+            figs.append(Figure(f"{tag}_scalars", "Every other figure per epoch", _png(fig),
+                               f"From metrics.jsonl: {', '.join(others)}."))
+    for table, rows in tables.items():
+        cols = _numeric_columns(rows, ("epoch",))
+        layers = list(dict.fromkeys(str(r.get("layer")) for r in rows if "layer" in r))
+        if not cols or not layers:
+            continue
+        ncols = min(2, len(cols))
+        nrows = -(-len(cols) // ncols)
+        fig, axes = _figure(nrows, ncols, width=4.8 * ncols, height=3.2 * nrows + 0.12 * min(len(layers), 16))
+        for ax, col in zip(axes, cols):
+            for layer in layers:
+                xs, ys = _col([r for r in rows if str(r.get("layer")) == layer], col)
+                if ys:
+                    ax.plot(xs, ys, marker=".", label=layer)
+            ax.set(xlabel="epoch", title=f"{col} per layer")
+            ax.grid(alpha=0.3)
+            _epoch_axis(ax)
+        for ax in axes[len(cols):]:
+            ax.set_visible(False)
+        _legend(axes[0], len(layers))
+        figs.append(Figure(f"{tag}_{table}", f"Per-layer figures: {table}.jsonl", _png(fig),
+                           f"From {table}.jsonl, one line per layer (by parameter name): {', '.join(cols)}."))
     return figs
 
 
 def sparsity_figure(tag: str, layers: list[tuple[str, int, int]]) -> Figure:
-    names = [_short_layer(n) for n, _, _ in layers]
+    names = [n for n, _, _ in layers]
     fracs = [k / t if t else 1.0 for _, k, t in layers]
     fig, (ax,) = _figure(1, 1, width=max(6.4, 0.45 * len(names) + 2), height=4.2)
     bars = ax.bar(range(len(names)), fracs, color="tab:blue")
@@ -340,15 +345,19 @@ def stage_section(d: Path) -> Section:
     kind = stage.get("kind", "?")
     tag = _slug(d.name)
     result = artifacts.read_json(d / artifacts.RESULT) if (d / artifacts.RESULT).is_file() else None
-    sec = Section(f"{doc['spec'].get('name', '?')} / {sid} ({kind})", str(d))
+    what = [kind]
+    if isinstance(stage.get("epochs"), int):
+        what.append(f"{stage['epochs']} epoch{'s' if stage['epochs'] != 1 else ''}")
+    key = str(doc.get("key", ""))[:12] or d.name.rsplit("-", 1)[-1]
+    sec = Section(f"{doc['spec'].get('name', '?')} / {sid} ({', '.join(what)}), key {key}", str(d))
     if result is None:
         sec.notes.append("This stage is not complete (no result.json): what it has written so far is shown.")
     else:
         rows = [[k, v] for k, v in result.items() if not isinstance(v, (dict, list))]
         sec.tables.append(Table(f"result-{tag}", "result.json", ["key", "value"], rows))
     metrics = artifacts.read_jsonl(d / artifacts.METRICS)
-    layer_rows = artifacts.read_jsonl(d / LAYERS)
-    sec.figures += training_figures(tag, metrics, layer_rows)
+    tables = {name: artifacts.read_jsonl(p) for name, p in table_files(d).items()}
+    sec.figures += training_figures(tag, metrics, tables)
 
     cost, why = stage_model_cost(d, doc)
     if result is not None and isinstance(result.get("layers"), dict):
@@ -402,95 +411,93 @@ def cost_table(tag: str, c: dict) -> Table:
 
 
 # --------------------------------------------------------------------------- a grid
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+RESULT_KEYS = {"run", "status", "val_acc", "density", "time_s", "stages_ran", "stages_reused", "error", "stages", "job_id"}
 
 
-def read_grid_rows(d: Path) -> tuple[list[dict], Path]:
-    """The rows of a grid's results.json (a list of rows, or {"rows": [...]}) or results.csv."""
+def read_grid_rows(d: Path) -> tuple[list[dict], list[str] | None, Path]:
+    """The rows of a grid's results.json (`{"rows": [...], "varied": [...]}` or a list of rows)
+    or results.csv, and the varied keys when the file names them."""
     jp, cp = d / GRID_FILES[0], d / GRID_FILES[1]
     if jp.is_file():
         data = artifacts.read_json(jp)
         rows = data.get("rows", data.get("results")) if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ArtifactError(f"{jp}: expected a list of rows (objects), got {type(rows).__name__}")
-        return rows, jp
+        varied = data.get("varied") if isinstance(data, dict) and isinstance(data.get("varied"), list) else None
+        return rows, varied, jp
     try:
         with open(cp, newline="") as f:
-            return [dict(r) for r in csv.DictReader(f)], cp
+            return [dict(r) for r in csv.DictReader(f)], None, cp
     except OSError as e:
         raise ArtifactError(f"{cp}: cannot read ({e})") from None
 
 
-def _find_key(keys: list[str], exact: list[str], suffixes: list[str]) -> str | None:
-    for k in exact:
-        if k in keys:
-            return k
-    for s in suffixes:
-        for k in keys:
-            if k.endswith(s):
-                return k
-    return None
-
-
-def grid_summary(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Mean and sample std of val_acc per (pruner, density) over seeds. Returns (groups, keys used)."""
+def grid_summary(rows: list[dict], varied: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Mean and sample std of val_acc over seeds, per density and per combination of the other
+    varied keys (a line each). Returns (groups, keys used): each group has `line` (the other
+    keys' values), `density`, `n`, `mean`, `std`."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    pk = _find_key(keys, ["stages.prune.pruner.name", "pruner"], [".pruner.name", "pruner.name"])
-    dk = _find_key(keys, ["stages.prune.pruner.density"], [".pruner.density"]) or ("density" if "density" in keys else None)
+    if varied is None:  # keys whose values differ between rows, results aside
+        varied = [k for k in keys if k not in RESULT_KEYS and len({json.dumps(r.get(k), default=str) for r in rows}) > 1]
+    dk = next((k for k in varied if k.split(".")[-1] == "density"), None) or ("density" if "density" in keys else None)
     if dk is None:
-        raise ArtifactError("grid results have no density column (looked for *.pruner.density and density)")
-    groups: dict[tuple[str, float], list[float]] = {}
-    skipped = 0
-    for r in rows:
-        status = str(r.get("status", "") or "").lower()
-        acc, dens = _num(r.get("val_acc")), _num(r.get(dk))
-        if status in FAILED or acc is None or dens is None:
-            skipped += 1
-            continue
-        groups.setdefault((str(r.get(pk, "?")) if pk else "all", dens), []).append(acc)
-    out = []
-    for (pruner, dens), accs in sorted(groups.items()):
-        n = len(accs)
-        mean = sum(accs) / n
-        std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1)) if n > 1 else 0.0
-        out.append({"pruner": pruner, "density": dens, "n": n, "mean": mean, "std": std})
-    return out, {"pruner": pk, "density": dk, "skipped": skipped}
+        raise ArtifactError("grid results have no density column (looked for a varied *.density key and density)")
+    line_keys = [k for k in varied if k not in (dk, "seed")]
+
+    def ok(r: dict) -> bool:
+        return str(r.get("status", "") or "").lower() not in FAILED and number(r.get("val_acc")) is not None and number(r.get(dk)) is not None
+
+    good = [r for r in rows if ok(r)]
+    for r in good:
+        r["_x"] = number(r[dk])
+    stats = over_seeds(good, [*line_keys, "_x"], ["val_acc"])
+    out = [{"line": [g[k] for k in line_keys], "density": g["_x"], "n": g["ok"], "mean": g["val_acc_mean"], "std": g["val_acc_std"]}
+           for g in stats]
+    out.sort(key=lambda g: (json.dumps(g["line"], default=str), g["density"]))
+    return out, {"lines": line_keys, "density": dk, "skipped": len(rows) - len(good)}
+
+
+def _label(values: list, keys: list[str]) -> str:
+    from .grid import short_names
+
+    if not keys:
+        return "all runs"
+    if len(keys) == 1:
+        return fmt(values[0])
+    return ", ".join(f"{n}={fmt(v)}" for n, v in zip(short_names(keys), values))
 
 
 def grid_section(d: Path) -> Section:
-    rows, src = read_grid_rows(d)
-    groups, used = grid_summary(rows)
+    rows, varied, src = read_grid_rows(d)
+    groups, used = grid_summary(rows, varied)
     sec = Section(f"grid: {d.name}", str(src))
     if not groups:
         sec.notes.append(f"No completed rows with val_acc and density in {src.name} ({len(rows)} rows).")
         return sec
+    from .grid import short_names
+
     fig, (ax,) = _figure(1, 1, width=7.2, height=4.6)
-    pruners = list(dict.fromkeys(g["pruner"] for g in groups))
-    for p in pruners:
-        gs = [g for g in groups if g["pruner"] == p]
+    lines = list(dict.fromkeys(_label(g["line"], used["lines"]) for g in groups))
+    for name in lines:
+        gs = [g for g in groups if _label(g["line"], used["lines"]) == name]
         xs = [g["density"] for g in gs]
         ms = [g["mean"] for g in gs]
         ss = [g["std"] for g in gs]
-        line = ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=p)
+        line = ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=name)
         ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], alpha=0.15, color=line[0].get_color())
     dens = [g["density"] for g in groups]
     if min(dens) > 0 and max(dens) / min(dens) >= 10:
         ax.set_xscale("log")
+    legend_title = ", ".join(short_names(used["lines"])) if used["lines"] else None
     ax.set(xlabel=f"density ({used['density']})", ylabel="val_acc", title="Validation accuracy against density (mean ± std over seeds)")
-    ax.legend(title="pruner", fontsize="small")
+    ax.legend(title=legend_title, fontsize="small")
     ax.grid(alpha=0.3)
-    sec.figures.append(Figure(f"grid_{_slug(d.name)}_val_acc", "val_acc against density, per pruner", _png(fig),
-                              "Mean ± sample standard deviation over seeds (0 with one seed)."))
-    sec.tables.append(Table("grid", "val_acc per pruner and density", ["pruner", "density", "seeds", "val_acc mean", "val_acc std"],
-                            [[g["pruner"], g["density"], g["n"], g["mean"], g["std"]] for g in groups],
-                            f"Grouped by {used['pruner'] or '(no pruner column)'} and {used['density']}; "
+    sec.figures.append(Figure(f"grid_{_slug(d.name)}_val_acc", "val_acc against density" + (f", per {legend_title}" if legend_title else ""),
+                              _png(fig), "Mean ± sample standard deviation over seeds (0 with one seed)."))
+    heads = short_names(used["lines"]) if used["lines"] else []
+    sec.tables.append(Table("grid", "val_acc per " + " and ".join([*heads, "density"]), [*heads, "density", "seeds", "val_acc mean", "val_acc std"],
+                            [[*g["line"], g["density"], g["n"], g["mean"], g["std"]] for g in groups],
+                            f"Grouped by {', '.join(used['lines']) or '(nothing else varied)'} and {used['density']}; "
                             f"{used['skipped']} row(s) without a result were left out."))
     return sec
 

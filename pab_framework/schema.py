@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from .registry import Registry, registry as default_registry
-from .spec import DataCall, ExperimentSpec, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec
+from .spec import DataCall, ExperimentSpec, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec, TransformCall
 
-CALLS: list[type[PluginCall]] = [ModelCall, DataCall, PrunerCall, OptimizerCall, QuantizerCall]
+CALLS: list[type[PluginCall]] = [ModelCall, DataCall, PrunerCall, OptimizerCall, QuantizerCall, TransformCall]
 REF = "#/$defs/{model}"
 
 
@@ -34,11 +34,15 @@ def spec_schema(reg: Registry | None = None) -> dict[str, Any]:
         own = call.model_json_schema(ref_template=REF)
         own.get("properties", {}).pop("name", None)
         variants = []
-        for name, entry in reg.entries(call.group).items():
-            variants.append(_variant("name", name, entry.obj.__doc__, own, _params_schema(entry.Params, defs)))
-        defs[call.__name__] = {"title": call.__name__, "description": f"A plugin from the {call.group} entry-point group.",
+        names: list[str] = []
+        for group in call.groups():
+            for name, entry in reg.entries(group).items():
+                if name not in names:
+                    names.append(name)
+                    variants.append(_variant("name", name, entry.obj.__doc__, own, _params_schema(entry.Params, defs)))
+        defs[call.__name__] = {"title": call.__name__, "description": f"A plugin from the {' or '.join(call.groups())} entry-point group.",
                                "type": "object", "required": ["name"],
-                               "properties": {"name": {"enum": sorted(reg.names(call.group))}},
+                               "properties": {"name": {"enum": sorted(names)}},
                                "anyOf": variants or [{"type": "object"}]}
     own = StageSpec.model_json_schema(ref_template=REF)
     own.get("properties", {}).pop("kind", None)

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import Problem, SpecError, PluginError
+from .expand import expand, original_path
 from .registry import Registry, registry as default_registry
 from .yamlio import LoadedYaml, load_yaml_file, load_yaml_text, parse_scalar
 
@@ -30,7 +31,12 @@ class PluginCall(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     group: ClassVar[str] = ""
+    also_groups: ClassVar[tuple[str, ...]] = ()  # further entry-point groups searched for `name`, in order
     name: str = Field(description="Which plugin; `pab plugins` lists the installed ones.")
+
+    @classmethod
+    def groups(cls) -> tuple[str, ...]:
+        return (cls.group, *cls.also_groups)
 
     _entry: Any = PrivateAttr(default=None)
     _params: Any = PrivateAttr(default=None)
@@ -73,6 +79,9 @@ class ModelCall(PluginCall):
         description="Which weights `init` re-draws: `conv` (Conv2d only, as the original PaB code) or `all` "
         "prunable weights (Conv2d and Linear).",
     )
+    batchnorm_affine: bool = Field(
+        True, description="false: every BatchNorm layer without its learned scale and shift (edge-popup's setting); "
+        "for models with BatchNorm.")
 
 
 class DataCall(PluginCall):
@@ -105,6 +114,39 @@ class PrunerCall(PluginCall):
         100, ge=1, le=1_000_000, description="Samples per pruning batch, drawn from a seeded subset of the training set."
     )
 
+    rounds: Optional[int] = Field(
+        None, ge=1, le=100_000, description="Iterative pruning across stages (lottery-ticket rounds): with `round`, this stage "
+        "is round `round` of `rounds` of one schedule to `density`, and keeps density**(round/rounds) (exponential) of the weights.")
+    round: Optional[int] = Field(None, ge=1, le=100_000, description="This stage's round, 1..rounds (`${round}` in a repeated block).")
+
+    @model_validator(mode="after")
+    def _rounds(self):
+        if (self.round is None) != (self.rounds is None):
+            raise ValueError("round and rounds go together")
+        if self.round is not None and self.round > self.rounds:
+            raise ValueError(f"round {self.round} is past rounds {self.rounds}")
+        return self
+
+    def target_density(self) -> float:
+        """The density this stage ends at: `density`, or its round's share of the schedule."""
+        if self.rounds is None:
+            return self.density
+        from .masking import density_at
+
+        return density_at(self.round, self.rounds, self.density, self.schedule)
+
+    def mask_policy(self):
+        """The masking options of this section (how scores become masks), for `masking.prune`."""
+        from .masking import MaskPolicy
+
+        cd = self.classifier_density
+        if cd is not None and self.rounds is not None:
+            from .masking import density_at
+
+            cd = density_at(self.round, self.rounds, cd, self.schedule)
+        return MaskPolicy(density=self.target_density(), iterations=self.iterations, schedule=self.schedule, scope=self.scope,
+                          classifier_density=cd, prune_bias=self.prune_bias, prune_batchnorm=self.prune_batchnorm)
+
 
 class OptimizerCall(PluginCall):
     group: ClassVar[str] = "pab.optimizers"
@@ -112,6 +154,14 @@ class OptimizerCall(PluginCall):
 
 class QuantizerCall(PluginCall):
     group: ClassVar[str] = "pab.quantizers"
+
+
+class TransformCall(PluginCall):
+    """A model transform of a training stage: a `pab.transforms` plugin, or a gradient quantizer
+    (`pab.quantizers`, such as psg), which is a transform too."""
+
+    group: ClassVar[str] = "pab.transforms"
+    also_groups: ClassVar[tuple[str, ...]] = ("pab.quantizers",)
 
 
 # --------------------------------------------------------------------------- the spec
@@ -169,12 +219,67 @@ class RuntimeSpec(StrictModel):
         return list(dict.fromkeys(v))
 
 
+class Source(StrictModel):
+    """Where a stage takes its masks or weights from: an upstream `stage` (with `epoch`: the
+    weights that train stage kept after that epoch, see its `keep_weights`), or a model.pt `path`."""
+
+    stage: Optional[str] = Field(None, description="A stage of this spec (it runs first).")
+    epoch: Optional[int] = Field(None, ge=0, le=100_000, description="With stage: its weights after this epoch (0: before training).")
+    path: Optional[str] = Field(None, min_length=1, description="A model.pt file (relative to the spec file).")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.stage is None) == (self.path is None):
+            raise ValueError("give either stage or path")
+        if self.epoch is not None and self.stage is None:
+            raise ValueError("epoch goes with stage (the weights a train stage kept after that epoch)")
+        return self
+
+
+def _source(v: Any, special: str) -> Any:
+    if isinstance(v, str) and v != special:
+        return {"stage": v}
+    return v
+
+
 class StageSpec(BaseModel):
-    """A stage: its `kind` (a stage plugin), the stages it runs `after`, and the kind's own keys."""
+    """A stage: its `kind` (a stage plugin), the stages it runs `after`, where it takes its masks
+    and weights from, and the kind's own keys."""
 
     model_config = ConfigDict(extra="allow")
     kind: str = Field(description="Stage kind: prune, train, evaluate, or a plugin's.")
     after: list[str] = Field(default_factory=list, description="Stages whose artifacts this stage starts from.")
+    masks_from: Optional[Union[Literal["dense"], Source]] = Field(
+        None, description="The masks to start from: a stage id, {stage: id}, {path: model.pt}, or `dense` (none); "
+        "default: the last stage in `after` that left a model.")
+    weights_from: Optional[Union[Literal["init"], Source]] = Field(
+        None, description="The weights to start from: a stage id, {stage: id, epoch: k} (rewinding), {path: model.pt}, or `init` "
+        "(the initialisation); default: the last stage in `after` that left a model.")
+
+    @field_validator("masks_from", mode="before")
+    @classmethod
+    def _masks_source(cls, v):
+        return _source(v, "dense")
+
+    @field_validator("weights_from", mode="before")
+    @classmethod
+    def _weights_source(cls, v):
+        return _source(v, "init")
+
+    @field_validator("masks_from")
+    @classmethod
+    def _no_epoch_for_masks(cls, v):
+        if isinstance(v, Source) and v.epoch is not None:
+            raise ValueError("masks come from a stage's model.pt: epoch goes with weights_from only")
+        return v
+
+    def dependencies(self) -> list[str]:
+        """`after`, then the stages masks and weights come from: all of them run first."""
+        out = list(self.after)
+        for src in (self.masks_from, self.weights_from):
+            if isinstance(src, Source) and src.stage is not None and src.stage not in out:
+                out.append(src.stage)
+        return out
 
     _entry: Any = PrivateAttr(default=None)
     _params: Any = PrivateAttr(default=None)
@@ -191,13 +296,19 @@ class StageSpec(BaseModel):
     def _serialize(self, handler):
         data = handler(self)
         if self._params is not None:
-            return {"kind": self.kind, "after": list(self.after), **self._params.model_dump(mode="json")}
+            out = {"kind": self.kind, "after": list(self.after)}
+            for k in ("masks_from", "weights_from"):
+                if data.get(k) is not None:
+                    out[k] = data[k]
+            return {**out, **self._params.model_dump(mode="json")}
         return data
 
 
 class ExperimentSpec(StrictModel):
     name: str = Field(..., pattern=NAME_PATTERN, max_length=128, description="Experiment name; runs go to <output_dir>/<name>/.")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of initialisation, pruning and data order.")
+    vars: dict[str, Any] = Field(
+        default_factory=dict, description="Named values; `${name}` anywhere else in the spec stands for one (a grid can vary vars.x).")
     model: ModelCall
     data: DataCall
     stages: dict[str, StageSpec] = Field(..., min_length=1)
@@ -208,6 +319,7 @@ class ExperimentSpec(StrictModel):
     _source: str = PrivateAttr(default="<spec>")
     _loaded: Any = PrivateAttr(default=None)  # the parsed file's lines, for problem()
     _overridden: dict = PrivateAttr(default_factory=dict)  # key path -> the --set that gave it
+    _remap: dict = PrivateAttr(default_factory=dict)  # a repeated block's expanded key paths -> where it is written
 
     @field_validator("stages")
     @classmethod
@@ -228,7 +340,7 @@ class ExperimentSpec(StrictModel):
     def problem(self, path: tuple, message: str) -> Problem:
         """A problem with the value at key path `path`, placed where that value came from (the
         spec file and line, or the --set that gave it)."""
-        return _locate(path, message, self._source, self._loaded, self._overridden)
+        return _locate(path, message, self._source, self._loaded, self._overridden, self._remap)
 
     def resolve_path(self, p: str | Path) -> Path:
         p = Path(p).expanduser()
@@ -314,12 +426,18 @@ def problems_from_validation(err: ValidationError, prefix: tuple, model: type[Ba
 
 
 # --------------------------------------------------------------------------- overrides
-def apply_override(data: dict, assignment: str) -> tuple:
-    """Apply `a.b.c=value` to a spec dict in place; returns the key path set."""
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """`a.b.c=value` (the value read as YAML) as (key path, value): the one parser of `--set`."""
     if "=" not in assignment:
         raise SpecError([Problem((), f"override {assignment!r} must look like key.path=value", None, "--set")])
     key, raw = assignment.split("=", 1)
-    return set_path(data, key, parse_scalar(raw), assignment)
+    return key.strip(), parse_scalar(raw)
+
+
+def apply_override(data: dict, assignment: str) -> tuple:
+    """Apply `a.b.c=value` to a spec dict in place; returns the key path set."""
+    key, value = parse_override(assignment)
+    return set_path(data, key, value, assignment)
 
 
 def set_path(data: dict, key: str, value: Any, label: str | None = None) -> tuple:
@@ -364,7 +482,7 @@ class _Resolver:
 
     def call(self, call: PluginCall, loc: tuple) -> None:
         try:
-            entry = self.reg.get(call.group, call.name)
+            entry = self.reg.get_any(call.groups(), call.name)
         except PluginError as e:
             self.problems.append((loc + ("name",), e.message))
             return
@@ -498,25 +616,113 @@ def _merged_model(base: type[BaseModel], params: type[BaseModel]) -> _FieldSet:
     return _FieldSet(base, params)
 
 
-def _check_graph(after: dict[str, list]) -> list[tuple[tuple, str]]:
-    """Problems of the stage graph: `after` maps each stage id to the stages it runs after."""
+def _check_refs(refs: dict) -> list[tuple[tuple, str]]:
+    """Stage references (`refs`: stage id -> [(key path, stage it names)]) to stages that are not
+    in the spec, or to the stage itself."""
     problems = []
-    ids = list(after)
-    for sid, deps in after.items():
-        for i, dep in enumerate(deps):
-            if dep not in after:
+    ids = list(refs)
+    for sid, deps in refs.items():
+        for loc, dep in deps:
+            if dep not in refs:
                 close = difflib.get_close_matches(dep, ids, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append((("stages", sid, "after", i), f"stage {sid!r} runs after {dep!r}, which is not a stage of this spec{hint} Stages: {', '.join(ids)}"))
+                what = "runs after" if loc[2] == "after" else f"takes its {loc[2].split('_')[0]} from"
+                problems.append((loc, f"stage {sid!r} {what} {dep!r}, which is not a stage of this spec{hint} Stages: {', '.join(ids)}"))
             elif dep == sid:
-                problems.append((("stages", sid, "after", i), f"stage {sid!r} cannot run after itself"))
+                problems.append((loc, f"stage {sid!r} cannot depend on itself"))
+    return problems
+
+
+def _check_graph(spec: ExperimentSpec) -> list[tuple[tuple, str]]:
+    refs = {}
+    for sid, st in spec.stages.items():
+        refs[sid] = [(("stages", sid, "after", i), dep) for i, dep in enumerate(st.after)]
+        for key in ("masks_from", "weights_from"):
+            src = getattr(st, key)
+            if isinstance(src, Source) and src.stage is not None:
+                refs[sid].append((("stages", sid, key, "stage"), src.stage))
+    problems = _check_refs(refs)
     if problems:
         return problems
+    problems += _check_kept_weights(spec)
     from .graph import find_cycle
 
-    cycle = find_cycle({sid: list(deps) for sid, deps in after.items()})
+    cycle = find_cycle({sid: st.dependencies() for sid, st in spec.stages.items()})
     if cycle:
         problems.append((("stages", cycle[0], "after"), "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]])))
+    return problems
+
+
+def _raw_graph(data: Any) -> list[tuple[tuple, str]]:
+    """`after:` references of a spec dict whose structure did not validate, where they can be read."""
+    raw = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(raw, dict):
+        return []
+    after = {sid: (st.get("after") or []) if isinstance(st, dict) else [] for sid, st in raw.items()}
+    if not all(isinstance(sid, str) and isinstance(a, list) and all(isinstance(x, str) for x in a) for sid, a in after.items()):
+        return []  # a graph that does not parse: its structure problems say why
+    return _check_refs({sid: [(("stages", sid, "after", i), dep) for i, dep in enumerate(a)] for sid, a in after.items()})
+
+
+def _check_kept_weights(spec: ExperimentSpec) -> list[tuple[tuple, str]]:
+    """Rewinding (`weights_from: {stage, epoch}`) needs that stage to keep the weights of that epoch."""
+    problems = []
+    for sid, st in spec.stages.items():
+        src = st.weights_from
+        if not isinstance(src, Source) or src.epoch is None or src.stage not in spec.stages:
+            continue
+        up = spec.stages[src.stage]
+        if up.params is None:  # its own section is invalid: reported already
+            continue
+        kept = getattr(up.params, "keep_weights", None)
+        loc = ("stages", sid, "weights_from", "epoch")
+        if kept is None:
+            problems.append((loc, f"stage {src.stage!r} ({up.kind}) keeps no weights per epoch: rewinding needs a stage with keep_weights"))
+        elif src.epoch not in kept:
+            problems.append((loc, f"stage {src.stage!r} keeps no weights after epoch {src.epoch} (its keep_weights: {list(kept)}); "
+                                  f"add {src.epoch} to stages.{src.stage}.keep_weights"))
+    return problems
+
+
+def _check_source_files(spec: ExperimentSpec) -> list[tuple[tuple, str]]:
+    """Masks and weights from a file (`{path: ...}`): it exists, is a pab model artifact, and its
+    masks and weights have the shapes of the spec's model."""
+    problems: list[tuple[tuple, str]] = []
+    model_shapes: dict | None = None
+    for sid, st in spec.stages.items():
+        for key in ("masks_from", "weights_from"):
+            src = getattr(st, key)
+            if not isinstance(src, Source) or src.path is None:
+                continue
+            loc = ("stages", sid, key, "path")
+            path = spec.resolve_path(src.path)
+            if not path.is_file():
+                problems.append((loc, f"{path} not found (the path is relative to the spec file)"))
+                continue
+            from . import artifacts
+            from .errors import ArtifactError, DataError
+
+            try:
+                state, masks = artifacts.load_model_artifact(path)
+            except ArtifactError as e:
+                problems.append((loc, e.message))
+                continue
+            if model_shapes is None:
+                from .modelutil import build_model
+
+                try:
+                    info = spec.data.plugin.info(spec.data.params, base_dir=spec.base_dir)
+                except DataError:  # the model's shape needs data that is missing: reported when the run starts
+                    continue
+                model_shapes = {k: tuple(v.shape) for k, v in build_model(spec.model, info, spec.seed).state_dict().items()}
+            table = masks if key == "masks_from" else state
+            what = "mask" if key == "masks_from" else "weight"
+            for name, t in table.items():
+                want = model_shapes.get(name)
+                if want is None or tuple(t.shape) != want:
+                    problems.append((loc, f"{path}: {what} {name!r} has shape {tuple(t.shape)}, but the model {spec.model.name!r} "
+                                          + (f"has {want} there" if want is not None else "has no such parameter")))
+                    break
     return problems
 
 
@@ -535,12 +741,14 @@ def _finite_problems(data: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
     return out
 
 
-def _locate(path: tuple, message: str, source: str, loaded: LoadedYaml | None, overridden: dict) -> Problem:
-    """A Problem at key path `path`: from the --set that set it (or a mapping above it), else the file's line."""
-    over = next((a for p, a in overridden.items() if tuple(path[: len(p)]) == p), None)
+def _locate(path: tuple, message: str, source: str, loaded: LoadedYaml | None, overridden: dict, remap: dict | None = None) -> Problem:
+    """A Problem at key path `path`: from the --set that set it (or a mapping above it), else the
+    file's line (of the block a repeated stage was expanded from)."""
+    written = original_path(path, remap) if remap else tuple(path)
+    over = next((a for p, a in overridden.items() if tuple(written[: len(p)]) == p), None)
     if over is not None:
         return Problem(path, message, None, f"--set {over}")
-    return Problem(path, message, loaded.line_of(path) if loaded else None, source)
+    return Problem(path, message, loaded.line_of(written) if loaded else None, source)
 
 
 def _without_nonfinite(data: Any) -> Any:
@@ -566,11 +774,16 @@ def spec_from_dict(
     reg = reg or default_registry()
     overridden = overridden or {}
 
+    remap: dict[tuple, tuple] = {}
+
     def fail(items: list[tuple[tuple, str]]):
-        probs = [_locate(path, msg, source, loaded, overridden) for path, msg in items]
+        probs = [_locate(path, msg, source, loaded, overridden, remap) for path, msg in items]
         probs.sort(key=lambda p: (p.line is None, p.line or 0))  # in the order they stand in the file
         raise SpecError(probs)
 
+    data, remap, bad = expand(data)  # vars: and repeated stage blocks
+    if bad:
+        fail(bad)
     # every problem in one go: non-finite numbers, the structure, every plugin section, the graph
     bad = _finite_problems(data)
     if bad:  # each named once; the flagged values are left out of what is validated next
@@ -582,24 +795,24 @@ def spec_from_dict(
     except ValidationError as err:
         structure = problems_from_validation(err, (), ExperimentSpec)
         res.raw_spec(data)
-        raw = data.get("stages") if isinstance(data, dict) else None
-        after = {sid: (st.get("after") or []) if isinstance(st, dict) else [] for sid, st in raw.items()} if isinstance(raw, dict) else {}
-        readable = all(isinstance(sid, str) and isinstance(a, list) and all(isinstance(x, str) for x in a) for sid, a in after.items())
-        graph = _check_graph(after) if readable else []  # a graph that does not parse: its structure problems say why
+        graph = _raw_graph(data)
     else:
         structure = []
         res.call(spec.model, ("model",))
         res.call(spec.data, ("data",))
         for sid, st in spec.stages.items():
             res.stage(sid, st)
-        graph = _check_graph({sid: list(st.after) for sid, st in spec.stages.items()})
+        graph = _check_graph(spec)
     flagged = {p for p, _ in bad}
     problems = list(dict.fromkeys(bad + [(p, m) for p, m in structure + res.problems + graph if p not in flagged]))
     if problems or spec is None:
         fail(problems)
     spec._base_dir = base_dir if base_dir is not None else Path(".")
     spec._source = source
-    spec._loaded, spec._overridden = loaded, dict(overridden)
+    spec._loaded, spec._overridden, spec._remap = loaded, dict(overridden), dict(remap)
+    problems = _check_source_files(spec)
+    if problems:
+        fail(problems)
     return spec
 
 

@@ -108,3 +108,33 @@ def test_runs_end_to_end(site, tmp_path):
         assert moved.abs().max() > 0  # signSGD trained the kept weights
     tres = json.loads((train_dir / "result.json").read_text())
     assert tres["val_acc"] > 0.5, tres  # chance is 0.1
+
+
+@pytest.mark.parametrize("optimizer", ["{name: sgd, lr: 0.05, momentum: 0.9}", "{name: bop, ar: 1.0e-3, tau: 1.0e-6}"], ids=["sgd", "bop"])
+def test_a_transform_changes_the_masks_during_training(site, tmp_path, optimizer):
+    # the live masks: a third-party transform halves layer 1.weight's mask after epoch 2 of 3;
+    # re-masking, model.pt and result.json follow, and its own scalar reaches metrics.jsonl
+    # and the report with no change to pab
+    spec = tmp_path / "spec.yaml"
+    text = SPEC.format(d1=0.5, density=OVERALL, extra="").replace("epochs: 2", "epochs: 3")
+    text = text.replace("    optimizer: {name: signsgd, lr: 0.01, momentum: 0.9}",
+                        f"    optimizer: {optimizer}\n    transforms: [{{name: halve_mask, layer: 1.weight, after_epoch: 2}}]")
+    spec.write_text(text)
+    r = pab(site, "run", spec)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = tmp_path / "runs" / "plugin_example"
+    (prune_dir,) = runs.glob("prune-*")
+    (train_dir,) = runs.glob("train-*")
+    pre = torch.load(prune_dir / "model.pt", weights_only=True)
+    post = torch.load(train_dir / "model.pt", weights_only=True)
+    m0, m1 = pre["masks"]["1.weight"], post["masks"]["1.weight"]
+    assert int(m0.sum()) == 1024 and int(m1.sum()) == 512 and not (m1 & ~m0).any()  # half of the survivors, no regrowth
+    assert torch.equal(post["masks"]["4.weight"], pre["masks"]["4.weight"])
+    assert torch.all(post["state_dict"]["1.weight"][~m1] == 0)  # the newly pruned weights were zeroed and stayed zero
+    res = json.loads((train_dir / "result.json").read_text())
+    assert res["density"] == pytest.approx((512 + 80) / 2368)  # the final density
+    rows = [json.loads(l) for l in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["halved_layer_kept"] for r in rows] == [1024, 1024, 512]
+    r = pab(site, "report", train_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "halved_layer_kept" in (train_dir / "report.html").read_text()

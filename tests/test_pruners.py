@@ -1,6 +1,5 @@
 """Pruners: each score is its formula; the shared masking keeps exact counts, scopes and options."""
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,15 +23,12 @@ def data(n_batches=2, bs=6, seed=1):
     return [(torch.randn(bs, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (bs,), generator=g)) for _ in range(n_batches)]
 
 
-def call(**kw):
-    base = dict(name="x", density=0.3, iterations=1, schedule="exponential", scope="global", classifier_density=None,
-                prune_bias=False, prune_batchnorm=False, train_mode=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def call(name="x", **kw):
+    return masking.MaskPolicy(**{"density": 0.3, **kw})
 
 
-def inputs(batches=(), num_classes=3, shape=(2, 5, 5)):
-    return masking.PruneInputs(input_shape=shape, num_classes=num_classes, batches=list(batches))
+def inputs(batches=(), num_classes=3, shape=(2, 5, 5), train_mode=False):
+    return masking.PruneInputs(input_shape=shape, num_classes=num_classes, batches=list(batches), train_mode=train_mode)
 
 
 def test_snip_is_normalised_abs_grad_times_weight():
@@ -244,7 +240,7 @@ def test_train_mode_scores_with_batch_statistics():
     net, batches = tiny_net(), data()
     net[1].running_mean.fill_(3.0)  # eval mode uses these, train mode the batch's
     ev = masking.prune(net, SNIP(), SNIP.Params(), call(name="snip", density=0.5), inputs(batches))
-    tr = masking.prune(net, SNIP(), SNIP.Params(), call(name="snip", density=0.5, train_mode=True), inputs(batches))
+    tr = masking.prune(net, SNIP(), SNIP.Params(), call(name="snip", density=0.5), inputs(batches, train_mode=True))
     assert any(not torch.equal(ev[n], tr[n]) for n in ev)
     assert float(net[1].running_mean[0]) == 3.0, "the model's BatchNorm statistics are untouched"
 

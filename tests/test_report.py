@@ -145,24 +145,36 @@ def test_report_of_a_run(tiny_run):
     assert num(cost["weights, mask bitmap + 1 sign bit per kept weight (bytes)"]) == math.ceil((pres["total"] + pres["kept"]) / 8 + 4 * other)
 
 
-def test_report_of_one_stage_with_psg_statistics(tiny_run, tmp_path):
-    # a stage directory whose layers.jsonl carries PSG's kept-gradient fractions, as the PSG
-    # quantizer logs them
+def test_report_draws_whatever_series_a_run_recorded(tiny_run, tmp_path):
+    # a stage directory with figures no built-in plugin records: a scalar in metrics.jsonl and a
+    # per-layer table of its own (as a third-party plugin would record them through the metrics
+    # sink), besides PSG-style per-layer figures in layers.jsonl: each gets its figure
     d = tmp_path / tiny_run["train"].name
     shutil.copytree(tiny_run["train"], d)
-    rows = [json.loads(l) for l in (d / "layers.jsonl").read_text().splitlines()]
-    assert rows and all("flips_per_layer" in r for r in rows)
-    for r in rows:
-        r["psg_kept"] = {n: 0.1 * r["epoch"] + 0.05 * i for i, n in enumerate(r["flips_per_layer"])}
+    metrics = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    for r in metrics:
+        r["my_plugin_score"] = 0.5 * r["epoch"]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    flips = [json.loads(l) for l in (d / "flips.jsonl").read_text().splitlines()]
+    layers = sorted({r["layer"] for r in flips})
+    assert layers and all(n.endswith(".weight") for n in layers)
+    rows = [{"epoch": r["epoch"], "layer": n, "psg_kept": 0.1 * r["epoch"] + 0.05 * i} for r in metrics for i, n in enumerate(layers)]
     (d / "layers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "mytable.jsonl").write_text("".join(json.dumps({"epoch": r["epoch"], "layer": n, "saliency": 1.0 + i}) + "\n"
+                                             for r in metrics for i, n in enumerate(layers)))
     out = tmp_path / "out"
     r = run_report([d, "--out", out])
     assert r.exit_code == 0, r.output
-    assert (out / f"{d.name}_psg_kept.png").is_file()
-    page = Page((out / "report.html").read_text())
-    assert len(page.images) == len(list(out.glob("*.png"))) == 4  # curves, flips, psg, kept
+    names = {p.stem for p in out.glob("*.png")}
+    assert {f"{d.name}_{x}" for x in ("curves", "scalars", "flips", "layers", "mytable", "kept")} == names
+    html = (out / "report.html").read_text()
+    assert "my_plugin_score" in html and "saliency" in html and "psg_kept" in html and "flip_rate" in html
+    page = Page(html)
+    assert len(page.images) == len(names)
     for img in page.images:
         check_png(img)
+    # the section names what tells it apart from another train stage of the same experiment
+    assert "(train, 2 epochs), key " + d.name.rsplit("-", 1)[1] in html
     assert not (d / "report.html").exists()
 
 

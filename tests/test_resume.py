@@ -108,7 +108,10 @@ def assert_same_run(ref: Path, got: Path) -> None:
         assert torch.equal(ma["masks"][k], mb["masks"][k])
     assert metrics(a) == metrics(b)
     assert [r["epoch"] for r in metrics(b)] == [1, 2, 3]
-    assert (a / "layers.jsonl").read_text() == (b / "layers.jsonl").read_text()
+    tables = sorted(p.name for p in a.glob("*.jsonl"))
+    assert "flips.jsonl" in tables and tables == sorted(p.name for p in b.glob("*.jsonl"))
+    for t in tables:  # every per-layer table (Bop's flips.jsonl, ...) as well as metrics.jsonl
+        assert (a / t).read_text() == (b / t).read_text() or t == "metrics.jsonl", t
     # complete: result written, checkpoints removed
     assert (b / "result.json").is_file()
     assert not list(b.glob("checkpoint*")) and not list(b.glob(".checkpoint*"))

@@ -230,9 +230,9 @@ def nan_at(monkeypatch):
 def test_nonfinite_loss_stops_naming_epoch_and_step(write_spec, nan_at, monkeypatch, every, ckpt_steps, last):
     # `every`: how often the flag is read on the host (every step on the CPU; every few on a GPU,
     # simulated here): the same step is named, and nothing non-finite is ever written
-    import plugins.stages.train as train_stage
+    import pab_framework.callbacks as callbacks
 
-    monkeypatch.setattr(train_stage, "FINITE_CHECK_EVERY", {"cpu": every})
+    monkeypatch.setattr(callbacks, "FINITE_CHECK_EVERY", {"cpu": every})
     text = DENSE if ckpt_steps is None else DENSE.replace("epochs: 3", f"epochs: 3\n    checkpoint_every_steps: {ckpt_steps}")
     spec = write_spec(text)
     d = stage_dirs(spec)["train"]

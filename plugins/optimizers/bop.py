@@ -27,12 +27,13 @@ class Decay(BaseModel):
 class BopHybrid(TrainOptimizer):
     """Bop for the sign-trained weights and another optimizer for the rest, as one optimizer."""
 
-    def __init__(self, bop: BopOptimizer, rest: TrainOptimizer, names: list[str], params: "BopPlugin.Params"):
+    def __init__(self, bop: BopOptimizer, rest: TrainOptimizer, names: list[str], params: "BopPlugin.Params", mask_state=None):
         self.bop = bop
         self.rest = rest
         self.names = names
         self.p = params
         self.sign_params = frozenset(names)
+        self.mask_state = mask_state  # the live masks: surviving counts follow them
         self.ar = params.ar
         self.tau = params.tau
         # the signs the training starts from (the upstream model's: built before any resume), kept
@@ -52,27 +53,31 @@ class BopHybrid(TrainOptimizer):
     def step_end(self) -> None:
         self.rest.step_end()
 
-    def epoch_end(self, epoch: int) -> dict:
+    def _surviving(self) -> list[int]:
+        if self.mask_state is None:
+            return self.surviving
+        kept = self.mask_state.kept()
+        return [kept.get(n, s) for n, s in zip(self.names, self.surviving)]
+
+    def record(self, sink) -> None:
+        """Flips of the epoch (total, per surviving weight, per layer into flips.jsonl), the share of
+        surviving weights whose sign differs from the start, ar and tau; then the rest's figures.
+        One host transfer per epoch; the flip counters start again from zero."""
         counts = self.bop.flip_counts()
-        flips = torch.stack([c.to("cpu") for c in counts]).tolist() if counts else []  # one host sync per epoch
+        flips = torch.stack([c.to("cpu") for c in counts]).tolist() if counts else []
         self.bop.reset_flip_counts()
         weights = [q for g in self.bop.param_groups for q in g["params"]]
         changed = [int((w.detach().lt(0).cpu() != neg).sum()) for w, neg in zip(weights, self.init_negative)]
-        total_kept = max(1, sum(self.surviving))
-        layers = {
-            n: {"flips": f, "flip_rate": f / max(1, k), "sign_changed": c / max(1, k), "surviving": k}
-            for n, f, c, k in zip(self.names, flips, changed, self.surviving)
-        }
-        out = {
-            "flips": sum(flips),
-            "flip_rate": sum(flips) / total_kept,
-            "sign_changed": sum(changed) / total_kept,
-            "ar": self.ar,
-            "tau": self.tau,
-            "flips_per_layer": {n: f for n, f in zip(self.names, flips)},
-            "bop_layers": layers,
-        }
-        out.update(self.rest.epoch_end(epoch))
+        surviving = self._surviving()
+        total_kept = max(1, sum(surviving))
+        sink.scalars({"flips": sum(flips), "flip_rate": sum(flips) / total_kept, "sign_changed": sum(changed) / total_kept,
+                      "ar": self.ar, "tau": self.tau})
+        sink.layers({n: {"flips": f, "flip_rate": f / max(1, k), "sign_changed": c / max(1, k), "surviving": k}
+                     for n, f, c, k in zip(self.names, flips, changed, surviving)}, table="flips")
+        self.rest.record(sink)
+
+    def schedule_epoch(self, epoch: int) -> None:
+        self.rest.schedule_epoch(epoch)
         done = epoch + 1
         if self.p.ar_decay and done % self.p.ar_decay.every == 0:
             self.ar *= self.p.ar_decay.factor
@@ -80,7 +85,6 @@ class BopHybrid(TrainOptimizer):
         if self.p.tau_decay and done % self.p.tau_decay.every == 0:
             self.tau *= self.p.tau_decay.factor
             self.bop.set_tau(self.tau)
-        return out
 
     def state_dict(self) -> dict:
         return {"bop": self.bop.state_dict(), "rest": self.rest.state_dict(), "ar": self.ar, "tau": self.tau}
@@ -123,4 +127,4 @@ class BopPlugin:
                            implementation=params.implementation)
         rest_names = {n for n, _ in octx.named_params if not owned(n)}
         rest = params.rest.plugin.build(params.rest.params, octx.subset(rest_names))
-        return BopHybrid(bop, rest, names, params)
+        return BopHybrid(bop, rest, names, params, octx.mask_state)

@@ -15,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from pab_framework.callbacks import Callback
+from pab_framework.transforms import TransformContext
+
 from .psg_ops import PsgConfig, psg_conv2d, psg_linear
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class PSG:
         model_config = ConfigDict(extra="forbid")
         msb_bits: int = Field(8, ge=2, le=16, description="Bits of the layer input used for the weight gradient.")
         msb_bits_weight: int = Field(
-            8, ge=2, le=32, description="Bits of the weight in the predictive forward branch (kept for fidelity: PaB's "
+            8, ge=2, le=32, json_schema_extra={"key": False}, description="Bits of the weight in the predictive forward branch (kept for fidelity: PaB's "
             "setting has no predictive forward, so it changes no gradient).")
         msb_bits_grad: int = Field(16, ge=2, le=24, description="Bits of the output gradient used for the weight gradient.")
         threshold: float = Field(1e-7, ge=0, description="Keep the low-precision weight gradient where its magnitude is at least this (see threshold_mode).")
@@ -79,7 +82,10 @@ class PSG:
         sparsify: bool = Field(True, description="Below the threshold the gradient is 0 (true) or the full-precision gradient (false).")
         take_sign: bool = Field(False, description="Replace the weight gradient by its sign.")
 
-    def apply(self, model: nn.Module, params: "PSG.Params", prunable: set[str]) -> nn.Module:
+    def apply(self, model: nn.Module, params: "PSG.Params", tctx: TransformContext) -> nn.Module:
+        """Wrap the masked Conv2d/Linear layers of `model` in place; their kept fractions are
+        recorded every epoch (`psg_kept` in metrics.jsonl, per layer in layers.jsonl)."""
+        prunable = tctx.masked_names
         cfg = PsgConfig(**params.model_dump())
         wrapped = 0
         for name, m in model.named_modules():
@@ -103,6 +109,7 @@ class PSG:
             wrapped += 1
         if prunable and not wrapped:
             log.warning("psg: no layer was wrapped")
+        tctx.add_callback(PsgFigures(self, model))
         return model
 
     @staticmethod
@@ -123,8 +130,8 @@ class PSG:
             m.psg_stats.total = 0
 
     def epoch_figures(self, model: nn.Module) -> dict:
-        """For metrics.jsonl (`psg_kept`: the kept fraction over all layers) and layers.jsonl
-        (`psg_kept`: layer -> kept fraction); resets the counts."""
+        """`psg_kept`: the kept fraction over all layers; `psg_kept_per_layer`: layer -> kept
+        fraction, since the last call (which resets the counts)."""
         st = self.stats(model)
         self.reset_stats(model)
         if not st:
@@ -132,3 +139,17 @@ class PSG:
         kept, total = sum(v["kept"] for v in st.values()), sum(v["total"] for v in st.values())
         return {"psg_kept": kept / total if total else 1.0,
                 "psg_kept_per_layer": {n: (v["kept"] / v["total"] if v["total"] else 1.0) for n, v in st.items()}}
+
+
+class PsgFigures(Callback):
+    """Records PSG's kept fraction of weight-gradient entries every epoch: `psg_kept` (all layers)
+    and, per layer, `psg_kept` in layers.jsonl."""
+
+    def __init__(self, psg: PSG, model: nn.Module):
+        self.psg, self.model = psg, model
+
+    def record(self, trainer, sink) -> None:
+        figs = self.psg.epoch_figures(self.model)
+        if figs:
+            sink.scalar("psg_kept", figs["psg_kept"])
+            sink.layers({n: {"psg_kept": v} for n, v in figs["psg_kept_per_layer"].items()})

@@ -4,8 +4,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from pab_framework.modelutil import density_of
-
-from .train import evaluate
+from pab_framework.trainer import evaluate
 
 
 class EvaluateStage:
@@ -16,6 +15,10 @@ class EvaluateStage:
 
     def data_splits(self, params) -> tuple[str, ...]:
         return ("val",)
+
+    def key(self, view) -> dict:
+        """The model, the data without the training batch size, the seed and the upstream stages."""
+        return view.default(train_batch=False)
 
     def run(self, ctx) -> dict:
         model, masks = ctx.load_model()

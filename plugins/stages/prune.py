@@ -6,7 +6,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from pab_framework import masking
-from pab_framework.modelutil import apply_masks_, density_of, initialise
+from pab_framework.modelutil import apply_masks_, build_model, density_of
 from pab_framework.spec import PrunerCall
 
 
@@ -21,19 +21,25 @@ class PruneStage:
         """The pruning batches come from the training split, for pruners that score with data."""
         return ("train",) if getattr(params.pruner.plugin, "needs_data", True) else ()
 
+    def key(self, view) -> dict:
+        """The model, the seed, this stage's parameters and the data set, but not the training or
+        evaluation batch sizes: pruning batches are the pruner's own (`batches`, `batch_size`)."""
+        return view.default(train_batch=False, eval_batch=False)
+
     def run(self, ctx) -> dict:
         params = ctx.params
         call = params.pruner
         model, masks = ctx.load_model()
         info = ctx.data_info()
-        inputs = masking.PruneInputs(input_shape=tuple(info.input_shape), num_classes=info.num_classes, device=ctx.device, seed=ctx.seed)
+        inputs = masking.PruneInputs(input_shape=tuple(info.input_shape), num_classes=info.num_classes, device=ctx.device, seed=ctx.seed,
+                                     train_mode=call.train_mode)
         if getattr(call.plugin, "needs_data", True):
             inputs.batches = pruning_batches(ctx.dataset("train"), call.batches, call.batch_size, ctx.seed)
         with ctx.reporter.task(f"prune {call.name}", total=call.iterations) as task:
             def on_round(k: int, d: float) -> None:
                 task.advance(1, info=f"density {d:.4f}", log=k == call.iterations or k % max(1, call.iterations // 4) == 0)
 
-            masks = masking.prune(model, call.plugin, call.params, call, inputs, masks or None, on_round)
+            masks = masking.prune(model, call.plugin, call.params, call.mask_policy(), inputs, masks or None, on_round)
         if call.reinitialize:
             redraw_(ctx, model, masks)
         params_by_name = dict(model.named_parameters())
@@ -72,13 +78,7 @@ def pruning_batches(dataset, batches: int, batch_size: int, seed: int) -> list[t
 def redraw_(ctx, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """The random re-init ablation: the surviving weights re-drawn from the model's initialisation
     (a fresh draw, with another seed), the masks kept."""
-    call = ctx.spec.model
-    info = ctx.data_info()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(ctx.seed + 7919)
-        fresh = call.plugin.build(call.params, info.num_classes, tuple(info.input_shape))
-        initialise(fresh, call.init, call.init_scope)
-    new = dict(fresh.named_parameters())
+    new = dict(build_model(ctx.spec.model, ctx.data_info(), ctx.seed + 7919).named_parameters())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in masks:

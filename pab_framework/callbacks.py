@@ -1,0 +1,320 @@
+"""Callbacks: each concern of a training run besides the loop itself, testable alone.
+
+The Trainer (`pab_framework.trainer`) runs the loop and calls, in this order:
+
+    setup(trainer, stack)            once, before training (resume, signal handlers, progress bars);
+                                     context managers entered on `stack` close when training ends
+    on_epoch_start(trainer)          before the epoch's first step
+    before_forward(trainer)          before each forward pass
+    on_loss(trainer, loss) -> bool   after the loss: False skips the step (every callback is asked)
+    on_step_end(trainer)             after each step, taken or skipped
+    on_train_epoch_end(trainer)      after the epoch's last step, before anything of it is evaluated or written
+    record(trainer, sink)            the epoch's figures, into the metrics sink
+    on_epoch_end(trainer, figures)   the epoch is complete (figures collected; trainer.epoch already advanced)
+    before_save(trainer)             before any checkpoint is written
+    on_fit_end(trainer) -> dict      after the last epoch; entries for result.json
+    state_dict() / load_state_dict() what a callback keeps across a resume (in the checkpoint)
+
+A hook a callback does not override costs nothing: the Trainer calls only the overridden ones.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from . import artifacts, checkpoint, loggers
+from .distributed import StopVote, state_digest, test_fail
+from .errors import TrainingError
+from .metrics import EpochFigures, rewrite_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .metrics import MetricsSink
+    from .trainer import Trainer
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def setup(self, trainer: "Trainer", stack: ExitStack) -> None: ...
+
+    def on_epoch_start(self, trainer: "Trainer") -> None: ...
+
+    def before_forward(self, trainer: "Trainer") -> None: ...
+
+    def on_loss(self, trainer: "Trainer", loss: torch.Tensor) -> bool:
+        return True
+
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+
+    def on_train_epoch_end(self, trainer: "Trainer") -> None: ...
+
+    def record(self, trainer: "Trainer", sink: "MetricsSink") -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", figures: EpochFigures) -> None: ...
+
+    def before_save(self, trainer: "Trainer") -> None: ...
+
+    def on_fit_end(self, trainer: "Trainer") -> dict:
+        return {}
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+HOOKS = ("setup", "on_epoch_start", "before_forward", "on_loss", "on_step_end", "on_train_epoch_end", "record", "on_epoch_end",
+         "before_save", "on_fit_end")
+
+
+# --------------------------------------------------------------------------- checkpoints
+class Checkpointing(Callback):
+    """Resume from the newest good checkpoint at the start; write one every `every_steps` steps
+    within an epoch (optional) and at every epoch's end. Rank 0 writes; every rank takes part."""
+
+    def __init__(self, every_steps: int | None = None):
+        self.every = every_steps
+
+    def setup(self, trainer, stack) -> None:
+        trainer.resume()
+
+    def on_step_end(self, trainer) -> None:
+        if self.every and trainer.step % self.every == 0 and trainer.step < trainer.steps_per_epoch and not trainer.stop_requested:
+            trainer.save_checkpoint()
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        trainer.save_checkpoint()
+
+
+# --------------------------------------------------------------------------- non-finite losses
+# on_nonfinite: stop reads its flag on the host (waiting for the device) every this many steps:
+# every step on the CPU, where nothing runs ahead; every few on accelerators, so that steps queue
+# up without waiting. The flag is also read before every checkpoint and at every epoch's end.
+FINITE_CHECK_EVERY = {"cpu": 1}
+FINITE_CHECK_EVERY_ACCELERATOR = 32
+
+
+class StopOnNonFinite(Callback):
+    """`on_nonfinite: stop`. Remembers, on the device, the first step since the last check whose
+    loss was not finite (and that loss); the check reads it and stops the stage naming the epoch
+    and step. A non-finite step may be followed by a few more before the check, but nothing is
+    written in between: the last good checkpoint is kept."""
+
+    def __init__(self, every: int | None = None):
+        self.every = every
+
+    def setup(self, trainer, stack) -> None:
+        dev = trainer.device
+        if self.every is None:
+            self.every = FINITE_CHECK_EVERY.get(dev.type, FINITE_CHECK_EVERY_ACCELERATOR)
+        self.every = max(1, self.every)
+        self.trainer = trainer
+        self.first = torch.full((), -1, dtype=torch.long, device=dev)  # index into `steps`
+        self.loss = torch.zeros((), dtype=torch.float32, device=dev)
+        self.n = torch.zeros((), dtype=torch.long, device=dev)
+        self.steps: list[tuple[int, int]] = []  # (epoch, step) of the steps since the last check
+
+    def on_loss(self, trainer, loss) -> bool:
+        loss = loss.detach()
+        new = ~torch.isfinite(loss) & (self.first < 0)
+        self.first = torch.where(new, self.n, self.first)
+        self.loss = torch.where(new, loss.float(), self.loss)
+        self.n += 1
+        self.steps.append((trainer.epoch, trainer.step))
+        if len(self.steps) >= self.every:
+            self.check()  # before the step is taken
+        return True
+
+    def on_train_epoch_end(self, trainer) -> None:
+        self.check()  # a non-finite epoch is neither evaluated nor logged
+
+    def before_save(self, trainer) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if not self.steps:
+            return
+        i = int(self.first)
+        if i >= 0:
+            epoch, step = self.steps[i]
+            kept = self.trainer.last_saved or "none written yet"
+            raise TrainingError(
+                f"stage {self.trainer.stage_id}: the training loss is not finite ({float(self.loss)}) at epoch {epoch + 1}, "
+                f"step {step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, or set on_nonfinite: skip"
+            )
+        self.steps.clear()
+        self.n.zero_()
+
+
+class SkipNonFinite(Callback):
+    """`on_nonfinite: skip`: a step whose loss is not finite is not taken, and its forward pass is
+    taken out of BatchNorm's running statistics. Under DDP the ranks skip together or not at all.
+    The host must know at every step (one synchronisation per step: the price of this policy).
+    Records `skipped_steps` (skipped so far in the epoch) every epoch."""
+
+    def setup(self, trainer, stack) -> None:
+        self.buffers = [b for b in trainer.model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        self.skipped = 0
+        self.saved: list[torch.Tensor] = []
+
+    def before_forward(self, trainer) -> None:
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def on_loss(self, trainer, loss) -> bool:
+        finite = torch.isfinite(loss.detach())
+        if trainer.dist.enabled:
+            finite = trainer.dist.min_(finite.to(torch.int32)) > 0
+        if bool(finite):
+            return True
+        self.skipped += 1
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+        return False
+
+    def record(self, trainer, sink) -> None:
+        sink.scalar("skipped_steps", self.skipped)
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        self.skipped = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
+
+# --------------------------------------------------------------------------- signals
+class StopSignals(Callback):
+    """SIGTERM/SIGINT: every rank agrees on the step boundary to stop at and sets
+    `trainer.stop_requested`; the Trainer then writes a checkpoint (unless one was just written
+    there) and stops with exit code 3."""
+
+    def setup(self, trainer, stack) -> None:
+        self.signals = stack.enter_context(checkpoint.StopSignals())
+        self.vote = StopVote(trainer.dist)
+
+    def on_step_end(self, trainer) -> None:
+        trainer.stop_requested = trainer.stop_requested or self.vote.poll(self.signals.requested)
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        trainer.stop_requested = trainer.stop_requested or self.vote.now(self.signals.requested)
+
+
+# --------------------------------------------------------------------------- metrics files
+class MetricsFiles(Callback):
+    """metrics.jsonl (one line per epoch: every scalar), `<table>.jsonl` (one line per epoch and
+    layer of every per-layer table) and the loggers of runtime.loggers; rank 0 writes."""
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        if not trainer.dist.is_main:
+            return
+        epoch = trainer.epoch  # the epoch just completed, 1-based
+        artifacts.write_jsonl(trainer.dir / artifacts.METRICS, trainer.metrics)
+        loggers.log_epoch(trainer.dir, trainer.stage.spec.runtime.loggers, trainer.metrics[-1], trainer.epochs)
+        for table, rows in figures.table_rows(epoch).items():
+            rewrite_table(trainer.dir / f"{table}.jsonl", epoch, rows)
+
+
+# --------------------------------------------------------------------------- progress
+class Progress(Callback):
+    """An epoch bar and a batch bar (rich on a terminal, log lines otherwise)."""
+
+    def setup(self, trainer, stack) -> None:
+        rep = trainer.reporter
+        self.epochs = stack.enter_context(rep.task("epoch", total=trainer.epochs))
+        self.batches = stack.enter_context(rep.task("batch", total=trainer.steps_per_epoch))
+        self.shown = 0  # epochs the bar shows as done
+
+    def on_epoch_start(self, trainer) -> None:
+        self.epochs.advance(trainer.epoch - self.shown)  # a resumed run starts part of the way
+        self.shown = trainer.epoch
+        self.batches.reset(f"epoch {trainer.epoch + 1}", trainer.steps_per_epoch)
+        self.batches.advance(trainer.step)
+
+    def on_step_end(self, trainer) -> None:
+        self.batches.advance(1)
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        row = trainer.metrics[-1]
+        extra = f"  flips {row['flips']}" if isinstance(row.get("flips"), int) else ""
+        self.epochs.advance(1, info=f"loss {row['train_loss']:.4f}  val_acc {row['val_acc']:.4f}{extra}", log=True)
+        self.shown += 1
+
+
+# --------------------------------------------------------------------------- test hooks
+class TestHooks(Callback):
+    """Test-only pauses and failures at chosen steps (PAB_TEST_PAUSE, PAB_TEST_FAIL); nothing otherwise."""
+
+    def on_step_end(self, trainer) -> None:
+        n = trainer.epoch * trainer.steps_per_epoch + trainer.step
+        checkpoint.test_pause("step", n)
+        test_fail("step", n, trainer.dist.rank)
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        checkpoint.test_pause("epoch-end", trainer.epoch)
+
+
+# --------------------------------------------------------------------------- kept weights
+class KeepWeights(Callback):
+    """Writes the model and masks after each epoch in `epochs` (0: before the first step) to
+    `model-epoch<k>.pt`, as model.pt is written: the rewinding points later stages take their
+    weights from (`weights_from: {stage, epoch}`). Rank 0 writes."""
+
+    def __init__(self, epochs):
+        self.epochs = set(epochs)
+
+    def _write(self, trainer, epoch: int) -> None:
+        if epoch in self.epochs and trainer.dist.is_main:
+            artifacts.save_model(trainer.dir / artifacts.kept_weights_name(epoch), trainer.model, trainer.masks.as_dict())
+
+    def setup(self, trainer, stack) -> None:
+        if 0 in self.epochs and not (trainer.dir / artifacts.kept_weights_name(0)).is_file():
+            self._write(trainer, 0)  # before resume (setup runs first): the starting weights
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        self._write(trainer, trainer.epoch)
+
+
+# --------------------------------------------------------------------------- DDP
+class RanksAgree(Callback):
+    """Under DDP: digests of every rank's final weights and masks, compared. They must be bitwise
+    equal (same start, all-reduced gradients, rank 0's buffers); a difference is a bug or a
+    non-deterministic plugin, and fails the stage rather than saving rank 0's model silently."""
+
+    def on_fit_end(self, trainer) -> dict:
+        dist = trainer.dist
+        if not dist.enabled:
+            return {}
+        mine = {"weights": state_digest(trainer.model.state_dict()), "masks": state_digest(trainer.masks.as_dict())}
+        every = dist.gather_object(mine)
+        out = {"world_size": dist.world_size, "rank_digests": {k: [d[k] for d in every] for k in mine}}
+        for k in mine:
+            if len(set(out["rank_digests"][k])) != 1:
+                raise TrainingError(f"stage {trainer.stage_id}: the ranks' final {k} differ ({', '.join(d[:12] for d in out['rank_digests'][k])}); "
+                                    f"a plugin computes differently on different ranks")
+        return out
+
+
+def standard(extra: Sequence[Callback] = (), *, checkpoint_every_steps: int | None = None, on_nonfinite: str = "stop") -> list[Callback]:
+    """The callbacks every training stage runs with (checkpoints, the non-finite policy, stop
+    signals, metrics files, progress, test hooks, the DDP agreement check) around `extra`, the
+    stage's own (a transform's, say), in the order their hooks run.
+
+    At a step's end: progress, test hooks, `extra`, the stop vote, then the periodic checkpoint.
+    At an epoch's end: progress, the metrics files, the test pause, `extra` (a mask changed here
+    is in the epoch's checkpoint), the stop vote, then the epoch's checkpoint (a stop requested
+    there needs no second one)."""
+    return [
+        Progress(),
+        SkipNonFinite() if on_nonfinite == "skip" else StopOnNonFinite(),
+        MetricsFiles(),
+        TestHooks(),
+        *extra,
+        StopSignals(),
+        Checkpointing(checkpoint_every_steps),
+        RanksAgree(),
+    ]

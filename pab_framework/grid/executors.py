@@ -1,0 +1,217 @@
+"""Running a grid's runs: one run (in a worker process or a job), K at a time on this machine,
+or as a SLURM array through submitit."""
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import PabError
+from ..spec import spec_from_dict
+from .gridfile import Grid, Run
+from .plan import StagePlan, check_runs_data, plan_grid, schedule
+from .results import write_results
+from .slurm import _submitit, make_submitit_executor
+
+def run_one(payload: dict) -> dict:
+    """Run one expanded spec (in a worker process or a SLURM job); never raises: a failure is
+    recorded with its error. Output goes to the run's log file."""
+    from rich.console import Console
+
+    from ..pipeline import run_spec
+    from ..progress import Reporter
+
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"run": payload["index"], "status": "failed", "error": None, "stages": [], "run_wall_s": 0.0}
+    log_path = Path(payload["log"])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        console = Console(file=log, highlight=False, soft_wrap=True, width=160, force_terminal=False, no_color=True)
+        reporter = Reporter(console, mode="plain")
+        reporter.log(f"== run {payload['index']}: {payload.get('label', '')} (pid {os.getpid()})")
+        try:
+            if payload.get("threads"):
+                import torch
+
+                torch.set_num_threads(int(payload["threads"]))
+            spec = spec_from_dict(payload["data"], source=payload["source"], base_dir=Path(payload["base_dir"]))
+            outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter)
+            rec["stages"] = [
+                {"stage": o.stage_id, "kind": o.kind, "dir": str(o.dir), "reused": o.reused, "wall_s": float(o.result.get("wall_s", o.wall_s))}
+                for o in outcomes
+            ]
+            rec.update(_metrics([o.result for o in outcomes]))
+            rec["status"] = "ok"
+        except PabError as e:
+            rec["error"] = str(e)
+            reporter.log(f"error: {e}")
+        except Exception as e:  # a bug or a crash in a plugin: recorded, the other runs go on
+            rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            log.write(traceback.format_exc())
+        rec["run_wall_s"] = round(time.perf_counter() - t0, 3)
+        reporter.log(f"== run {payload['index']} {rec['status']} in {rec['run_wall_s']:.1f}s")
+    return rec
+
+
+def _metrics(results: list[dict]) -> dict:
+    """The run's final val_acc and density (the last stage reporting each), and its compute time."""
+    out: dict[str, Any] = {"val_acc": None, "density": None}
+    for r in results:
+        for k in ("val_acc", "density"):
+            if isinstance(r.get(k), (int, float)) and math.isfinite(r[k]):
+                out[k] = float(r[k])
+    # the run's compute: every stage's, whenever it was computed (reused ones too, resumed ones over every session)
+    out["time_s"] = round(sum(float(r.get("compute_s", r.get("wall_s", 0.0))) for r in results), 3)
+    return out
+
+
+def _record_from_disk(plans: list[StagePlan]) -> dict:
+    from .. import artifacts
+
+    results = [artifacts.read_json(sp.dir / artifacts.RESULT) for sp in plans]
+    rec = {"status": "ok", "error": None, "run_wall_s": 0.0,
+           "stages": [{"stage": sp.stage_id, "kind": sp.kind, "dir": str(sp.dir), "reused": True, "wall_s": float(r.get("wall_s", 0.0))} for sp, r in zip(plans, results)]}
+    rec.update(_metrics(results))
+    return rec
+
+
+# --------------------------------------------------------------------------- executors
+@dataclass
+class GridOutcome:
+    grid: Grid
+    records: dict[int, dict]
+    results: dict  # what results.json holds
+    submitted: list[str] = field(default_factory=list)  # SLURM job ids when not waiting
+
+    @property
+    def failed(self) -> list[int]:
+        return [i for i, r in self.records.items() if r["status"] != "ok"]
+
+
+def _payload(grid: Grid, run: Run, force: bool, threads: int | None) -> dict:
+    return {
+        "index": run.index,
+        "label": run.label(),
+        "data": run.data,
+        "source": str(grid.base),
+        "base_dir": str(grid.base.resolve().parent),
+        "log": str(grid.dir / "logs" / f"run-{run.index:04d}.log"),
+        "force": force,
+        "threads": threads,
+    }
+
+
+def run_grid(
+    grid: Grid,
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    force: bool = False,
+    on_record: Callable[[Run, dict], None] | None = None,
+    cluster: str = "slurm",
+    wait: bool = True,
+) -> GridOutcome:
+    """Run every run of the grid that is not complete; write the results after each one."""
+    plans = plan_grid(grid)
+    check_runs_data(grid, plans, force)  # before the first run starts
+    records: dict[int, dict] = {}
+    grid.dir.mkdir(parents=True, exist_ok=True)
+
+    def record(run: Run, rec: dict) -> None:
+        rec["run"] = run.index
+        records[run.index] = rec
+        write_results(grid, records)
+        if on_record:
+            on_record(run, rec)
+
+    todo = []
+    for run in grid.runs:
+        if not force and all(sp.complete for sp in plans[run.index]):
+            record(run, _record_from_disk(plans[run.index]))
+        else:
+            todo.append(run)
+    queue = schedule(todo, plans) if not force else todo
+    submitted: list[str] = []
+    if queue:
+        if executor == "local":
+            _run_local(grid, queue, workers, force, record)
+        elif executor == "slurm":
+            submitted = _run_submitit(grid, queue, force, record, cluster, wait)
+        else:
+            raise PabError(f"unknown executor {executor!r}: use local or slurm")
+    results = write_results(grid, records)
+    return GridOutcome(grid, {i: records[i] for i in sorted(records)}, results, submitted)
+
+
+def _failed(error: str) -> dict:
+    return {"status": "failed", "error": error, "stages": [], "run_wall_s": 0.0, "val_acc": None, "density": None, "time_s": None}
+
+
+def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    if workers < 1:
+        raise PabError(f"--workers must be at least 1 (got {workers})")
+    workers = min(workers, len(queue))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pending = list(queue)
+    inflight: dict[Any, Run] = {}
+    try:
+        while pending or inflight:
+            while pending and len(inflight) < workers:
+                run = pending.pop(0)
+                inflight[pool.submit(run_one, _payload(grid, run, force, threads))] = run
+            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            broken = False
+            for f in done:
+                run = inflight.pop(f)
+                try:
+                    rec = f.result()
+                except BrokenProcessPool:
+                    broken = True
+                    rec = _failed("its worker process died (killed, or crashed outside Python); see its log")
+                except Exception as e:  # pragma: no cover - run_one catches what it can
+                    rec = _failed(f"{type(e).__name__}: {e}")
+                record(run, rec)
+            if broken:  # the pool is unusable: the runs still in it died with it
+                for f, run in list(inflight.items()):
+                    record(run, _failed("its worker process died (killed, or crashed outside Python); see its log"))
+                inflight.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+
+def _run_submitit(grid: Grid, queue: list[Run], force: bool, record, cluster: str, wait: bool) -> list[str]:
+    submitit = _submitit()
+    ex = make_submitit_executor(grid, cluster)
+    jobs = []
+    with ex.batch():  # one array job on SLURM
+        for run in queue:
+            jobs.append((run, ex.submit(run_one, _payload(grid, run, force, None))))
+    if not wait:
+        return [j.job_id for _, j in jobs]
+    by_job = {id(j): run for run, j in jobs}
+    for job in submitit.helpers.as_completed([j for _, j in jobs], poll_frequency=1):
+        run = by_job[id(job)]
+        try:
+            rec = job.result()
+        except Exception as e:  # the job itself failed (timeout, killed, node failure)
+            rec = _failed(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__}")
+        rec["job_id"] = job.job_id
+        record(run, rec)
+    return [j.job_id for _, j in jobs]
+
+
