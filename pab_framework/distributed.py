@@ -327,7 +327,7 @@ def launch(argv: list[str], nproc: int, *, debug: bool = False, log=None, monito
         return code
     except SignalException as e:
         if log is not None:
-            log(f"stopped by {signal.Signals(e.sigval).name}: each rank checkpointed at its next step boundary "
+            log(f"stopped: {signal.Signals(e.sigval).name}; each rank checkpointed at its next step boundary "
                 f"(exit code 3); run the same command again to resume")
         return 3
     return 0
