@@ -128,11 +128,13 @@ def test_psg_gradients_on_cuda_equal_the_cpus():
     large) on CUDA against the CPU at a tolerance far below PSG's own deviation from full precision."""
     from pab_framework.modelutil import prunable_parameters
     from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_framework.transforms import TransformContext
     from plugins.quantizers.psg import PSG
 
     torch.manual_seed(0)
     dense = cifar_resnet18(width=16)
-    model = PSG().apply(copy.deepcopy(dense), PSG.Params(msb_bits=4, msb_bits_grad=8, threshold=1e-3), set(prunable_parameters(dense)))
+    model = copy.deepcopy(dense)
+    model = PSG().apply(model, PSG.Params(msb_bits=4, msb_bits_grad=8, threshold=1e-3), TransformContext.of(model, set(prunable_parameters(dense))))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     with no_tf32():

@@ -132,12 +132,10 @@ def test_data_pruners_score_the_original_pool(tmp_path, pruner):
 
 
 def test_a_whole_classifier_keeps_the_mask_it_came_with():
-    from types import SimpleNamespace
-
     from plugins.pruners.basic import Magnitude
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    call = SimpleNamespace(name="magnitude", density=0.5, iterations=2, schedule="exponential", scope="global", classifier_density=1.0)
+    call = masking.MaskPolicy(density=0.5, iterations=2, classifier_density=1.0)
     inputs = masking.PruneInputs(input_shape=(20,), num_classes=3)
     before = {"3.weight": torch.rand(3, 8) < 0.5}
     got = masking.prune(net, Magnitude(), Magnitude.Params(), call, inputs, masks=before)

@@ -48,12 +48,12 @@ class Synthetic:
             1.0, ge=0, le=1e6,
             description="Scale of the class patterns against unit noise: larger is easier; 0 makes the labels unlearnable.")
         seed: int = Field(0, ge=0, le=2**32, description="Seed of the generated data (the spec's seed does not change it).")
-        # keys of the cifar10/cifar100/imagefolder sections: excluded from the resolved spec and
-        # from stage keys, since they change nothing here
-        root: Optional[str] = Field(None, exclude=True, description=_IGNORED.format(""))
-        download: Optional[bool] = Field(None, exclude=True, description=_IGNORED.format(""))
-        augment: Optional[bool] = Field(None, exclude=True, description=_IGNORED.format(" and is not augmented"))
-        resize: Optional[int] = Field(None, exclude=True, description=_IGNORED.format("; no resizing: image_size is the size"))
+        # keys of the cifar10/cifar100/imagefolder sections: they change nothing here, so they are
+        # left out of the stage keys ("key": False) and of the resolved spec (exclude)
+        root: Optional[str] = Field(None, exclude=True, json_schema_extra={"key": False}, description=_IGNORED.format(""))
+        download: Optional[bool] = Field(None, exclude=True, json_schema_extra={"key": False}, description=_IGNORED.format(""))
+        augment: Optional[bool] = Field(None, exclude=True, json_schema_extra={"key": False}, description=_IGNORED.format(" and is not augmented"))
+        resize: Optional[int] = Field(None, exclude=True, json_schema_extra={"key": False}, description=_IGNORED.format("; no resizing: image_size is the size"))
 
         @model_validator(mode="after")
         def _check(self):
