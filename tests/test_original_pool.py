@@ -72,6 +72,10 @@ def test_the_recipe_and_its_grid_keep_the_classifier_out_of_the_pool():
     grid = load_yaml_file(CONFIGS / "ablation_pruners.yaml").data
     assert grid["base"] == "cifar10_r18_pab.yaml"
     assert not any("classifier_density" in k for k in [*grid.get("grid", {}), *grid.get("zip", {})])  # inherited by every run
+    # the CIFAR comparison grid's PaB methods prune with the seed's pool too
+    methods = load_yaml_file(CONFIGS / "compare_hidden_cifar10.yaml").data["variants"]["method"]
+    for m in ("pab", "pab_psg"):
+        assert methods[m]["stages"]["prune"]["pruner"]["classifier_density"] == 1.0, m
 
 
 @pytest.mark.parametrize("width", [16, pytest.param(64, marks=pytest.mark.slow)])
