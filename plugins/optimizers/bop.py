@@ -109,8 +109,10 @@ class BopPlugin:
         ar_decay: Optional[Decay] = Field(None, description="Multiply ar by `factor` every `every` epochs.")
         tau_decay: Optional[Decay] = Field(None, description="Multiply tau by `factor` every `every` epochs.")
         implementation: Literal["auto", "eager", "compiled"] = Field(
-            "auto", description="`eager`: plain torch ops over one flat vector; `compiled`: one torch.compile'd kernel per step "
-            "(compiled once per process, a few seconds, then close to memory speed); `auto`: compiled for 1M+ sign-trained weights."
+            "auto", json_schema_extra={"key": False},
+            description="`eager`: plain torch ops over one flat vector; `compiled`: one torch.compile'd kernel per step "
+            "(compiled once per process, a few seconds, then close to memory speed); `auto`: compiled for 1M+ sign-trained weights. "
+            "Both compute bitwise alike, so the choice does not change a stage's key."
         )
         owns: Literal["masked", "conv"] = Field(
             "masked", description="Which weights Bop trains: every masked weight, or Conv2d weights only (as the original PaB code)."
