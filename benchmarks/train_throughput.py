@@ -1,18 +1,22 @@
-"""Images per second of the train stage on cifar_resnet18 against a bare PyTorch loop.
+"""Images per second of the train stage against a bare PyTorch loop (cifar_resnet18, or any model).
 
-In one process, alternating, on the same data (a generated 32x32 image folder read by the
-`imagefolder` plugin with its training augmentation), the same model (the `cifar_resnet18` plugin,
-Kaiming-normal) and the same optimizer (the `bop` plugin: Bop for the weights, SGD for the rest):
-  (a) bare - a hand-written loop: DataLoader, forward, loss, backward, step, and a validation pass
+In one process, alternating, on the same data, the same model (Kaiming-normal) and the same
+optimizer (the `bop` plugin: Bop for the weights, SGD for the rest):
+  (a) bare - a hand-written loop: batches, forward, loss, backward, step, and a validation pass
              per epoch, nothing else;
   (b) pab  - `pab_framework.pipeline.run_spec` on a spec with one train stage: its wall time,
              with everything the stage does besides (checkpoint every epoch, metrics.jsonl,
              non-finite checks, running sums, progress).
+Data (--data): `imagefolder` (default), a generated 32x32 image folder read with the plugin's
+training augmentation through a DataLoader (the bare loop uses a DataLoader too); or `synthetic`,
+the `synthetic` plugin's in-memory tensors (no disk, no decoding: the framework's own cost), which
+both loops keep on the device and batch by indexing.
 images/s = training images x epochs / wall time. overhead = bare/pab - 1 (goal <= 0.05). Best of
 --reps alternating repetitions (this machine is shared: the best run is the least disturbed).
 With --nproc N (N > 1) it also runs `pab run --nproc N` and reports the scaling over one process.
 
     python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu]
+    python benchmarks/train_throughput.py --device cuda --data synthetic --model resnet50 --batch 64 --image-size 224 --classes 1000
 """
 from __future__ import annotations
 
@@ -50,12 +54,12 @@ def make_images(root: Path, n_train: int, n_val: int, classes: int = 10) -> None
             Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(d / f"{i}.png")
 
 
-def spec_dict(data_root: Path, out: Path, width: int, batch: int, epochs: int, device: str) -> dict:
+def spec_dict(data: dict, out: Path, model: dict, batch: int, epochs: int, device: str) -> dict:
     return {
         "name": "throughput",
         "seed": 0,
-        "model": {"name": "cifar_resnet18", "width": width, "init": "kaiming_normal"},
-        "data": {"name": "imagefolder", "root": str(data_root), "image_size": 32, "batch_size": batch},
+        "model": {**model, "init": "kaiming_normal"},
+        "data": {**data, "batch_size": batch},
         "stages": {"train": {"kind": "train", "epochs": epochs,
                              "optimizer": {"name": "bop", "ar": 1e-3, "tau": 1e-6,
                                            "rest": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}}}},
@@ -75,8 +79,26 @@ def bare(spec, epochs: int) -> tuple[float, int]:
     module_of = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
     train_ds, val_ds = ctx.dataset("train"), ctx.dataset("val")
     g = torch.Generator().manual_seed(0)
-    train = torch.utils.data.DataLoader(train_ds, batch_size=spec.data.batch_size, shuffle=True, generator=g)
-    val = torch.utils.data.DataLoader(val_ds, batch_size=spec.data.batch_size)
+    bs = spec.data.batch_size
+    if isinstance(train_ds, torch.utils.data.TensorDataset):  # in memory: on the device, batched by indexing
+        tx, ty = (t.to(device) for t in train_ds.tensors)
+        vx, vy = (t.to(device) for t in val_ds.tensors)
+
+        class _Epoch:
+            def __len__(self):
+                return -(-len(ty) // bs)
+
+            def __iter__(self):
+                idx = torch.randperm(len(ty), generator=g).to(device)
+                for i in range(0, len(ty), bs):
+                    j = idx[i : i + bs]
+                    yield tx[j], ty[j]
+
+        train = _Epoch()
+        val = [(vx[i : i + bs], vy[i : i + bs]) for i in range(0, len(vy), bs)]
+    else:
+        train = torch.utils.data.DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g)
+        val = torch.utils.data.DataLoader(val_ds, batch_size=bs)
     call = st.params.optimizer
     opt = call.plugin.build(call.params, OptimizerContext(named, masks, epochs, len(train), module_of))
     loss_fn = nn.CrossEntropyLoss()
@@ -93,7 +115,7 @@ def bare(spec, epochs: int) -> tuple[float, int]:
         opt.schedule_epoch(epoch)
         model.eval()
         with torch.no_grad():
-            correct = sum(int((model(x.to(device)).argmax(1) == y.to(device)).sum()) for x, y in val)
+            correct = sum(int((model(x.to(device)).argmax(1) == y.to(device)).sum()) for x, y in val)  # waits for the device
         assert 0 <= correct <= len(val_ds)
     return time.perf_counter() - t0, n
 
@@ -110,16 +132,32 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--nproc", type=int, default=1, help="also time `pab run --nproc N` (N > 1) for the scaling")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", choices=["imagefolder", "synthetic"], default="imagefolder")
+    ap.add_argument("--model", default="cifar_resnet18", help="a model plugin (cifar_resnet18, resnet50, ...)")
+    ap.add_argument("--width", type=int, default=None, help="cifar_resnet18's width (default 64; 16 with --quick)")
+    ap.add_argument("--batch", type=int, default=None, help="default 128 (64 with --quick)")
+    ap.add_argument("--image-size", type=int, default=32, help="H = W of the images (--data synthetic; imagefolder makes 32x32)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--train-size", type=int, default=None, help="training images (default 2048; 384 with --quick); validation: a quarter")
     a = ap.parse_args()
-    width, n_train, batch = (16, 384, 64) if a.quick else (64, 2048, 128)
-    n_val = n_train // 4
+    width = a.width or (16 if a.quick else 64)
+    batch = a.batch or (64 if a.quick else 128)
+    n_train = a.train_size or (384 if a.quick else 2048)
+    n_val = max(1, n_train // 4)
+    if a.data == "imagefolder" and a.image_size != 32:
+        ap.error("--image-size needs --data synthetic (the generated image folder is 32x32)")
+    model = {"name": a.model, **({"width": width} if a.model == "cifar_resnet18" else {})}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_images(tmp / "data", n_train, n_val)
-        sd = spec_dict(tmp / "data", tmp / "runs", width, batch, a.epochs, a.device)
+        if a.data == "imagefolder":
+            make_images(tmp / "data", n_train, n_val, a.classes)
+            data = {"name": "imagefolder", "root": str(tmp / "data"), "image_size": 32}
+        else:
+            data = {"name": "synthetic", "image_size": a.image_size, "num_classes": a.classes, "train_size": n_train, "val_size": n_val}
+        sd = spec_dict(data, tmp / "runs", model, batch, a.epochs, a.device)
         (tmp / "spec.yaml").write_text(dump_yaml(sd))
         spec = load_spec(tmp / "spec.yaml")
-        bare(spec, 1)  # warm-up: allocator, kernels, file cache
+        bare(spec, 1)  # warm-up: allocator, kernels, file cache, Bop's compilation
         times = {"bare": [], "pab": []}
         for r in range(a.reps):  # ABBA order: a drift in the machine's load hits both alike
             for which in (("bare", "pab") if r % 2 == 0 else ("pab", "bare")):
@@ -127,13 +165,14 @@ def main() -> None:
                 times[which].append(n / s)
         bare_img_s, pab_img_s = max(times["bare"]), max(times["pab"])
         rows = [("bare loop", bare_img_s, times["bare"]), ("pab train stage", pab_img_s, times["pab"])]
-        figs = {"bare_img_s": round(bare_img_s, 2), "pab_img_s": round(pab_img_s, 2), "overhead": round(bare_img_s / pab_img_s - 1, 4)}
+        figs = {"model": a.model, "data": a.data, "batch": batch, "image_size": a.image_size if a.data == "synthetic" else 32,
+                "device": a.device, "bare_img_s": round(bare_img_s, 2), "pab_img_s": round(pab_img_s, 2),
+                "overhead": round(bare_img_s / pab_img_s - 1, 4)}
         if a.nproc > 1:
             env = dict(os.environ)
             env.pop("WORLD_SIZE", None)
             best = 0.0
             for _ in range(max(1, a.reps - 1)):
-                t = time.perf_counter()
                 p = subprocess.run([sys.executable, "-m", "pab_framework", "run", str(tmp / "spec.yaml"), "--nproc", str(a.nproc), "--force",
                                     "--progress", "none"], cwd=ROOT, env=env, capture_output=True, text=True)
                 if p.returncode != 0:
@@ -142,8 +181,9 @@ def main() -> None:
                 best = max(best, n_train * a.epochs / json.loads(res.read_text())["wall_s"])
             rows.append((f"pab train stage, {a.nproc} processes", best, []))
             figs.update({f"pab_img_s_nproc{a.nproc}": round(best, 2), "scaling": round(best / pab_img_s, 3)})
-    print(f"cifar_resnet18 (width {width}), {n_train} training + {n_val} validation images of 32x32, batch {batch}, "
-          f"{a.epochs} epochs, device {a.device}, torch threads {torch.get_num_threads()}")
+    what = f"{a.model}" + (f" (width {width})" if a.model == "cifar_resnet18" else "")
+    print(f"{what}, {n_train} training + {n_val} validation images of {figs['image_size']}x{figs['image_size']} ({a.data}), "
+          f"batch {batch}, {a.epochs} epochs, device {a.device}, torch threads {torch.get_num_threads()}")
     print(f"{'':32} {'images/s (best)':>16}   all repetitions")
     for name, v, allv in rows:
         print(f"{name:32} {v:16.2f}   {' '.join(f'{x:.2f}' for x in allv)}")

@@ -211,9 +211,9 @@ def prune(
     weights; `model` is untouched. The prunable parameters are the Conv2d/Linear weights, plus
     biases and BatchNorm weights when `call.prune_bias` / `call.prune_batchnorm`. With
     `call.classifier_density`, the classifier layer follows its own density schedule and the
-    others share the rest. Pruned weights score -inf, so they are the first to go and never come
-    back while density falls; `global` scope puts one threshold over all layers, `local` keeps
-    each layer's share.
+    others share the rest; at 1.0 it is neither pruned nor scored (outside the pool). Pruned
+    weights score -inf, so they are the first to go and never come back while density falls;
+    `global` scope puts one threshold over all layers, `local` keeps each layer's share.
 
     The copy's prunable weights, the scores and the masks each live in one flat vector (the
     parameters are views of it), so masking the weights, marking the pruned and choosing the
@@ -228,6 +228,22 @@ def prune(
     cls = classifier_name(work, inputs.num_classes) if cls_density is not None else None
     if cls_density is not None and cls not in params:
         raise PabError(f"classifier_density: the model has no prunable Linear layer with {inputs.num_classes} outputs to treat as the classifier")
+    order = list(params)
+    whole: dict[str, torch.Tensor] = {}
+    if cls is not None and cls_density >= 1.0:
+        # a classifier kept whole leaves the pool altogether, like the original CIFAR code's plain
+        # nn.Linear: not scored, so it neither competes for a threshold nor enters a pruner's sums
+        # over the pool (GraSP's H g, SNIP's normaliser); it keeps the mask it came with
+        p = params.pop(cls)
+        whole[cls] = masks[cls].to("cpu", torch.bool, copy=True) if masks and cls in masks else torch.ones(p.shape, dtype=torch.bool)
+        with torch.no_grad():
+            p.mul_(whole[cls].to(p.device, p.dtype))
+        cls = None
+    if not params:
+        if on_round:
+            for k in range(1, call.iterations + 1):
+                on_round(k, density_at(k, call.iterations, call.density, call.schedule))
+        return whole
     if getattr(pruner, "linearized", False):
         # SynFlow scores the network with every parameter and buffer replaced by its absolute
         # value: done once here (the original did it, and undid it, every iteration)
@@ -272,4 +288,5 @@ def prune(
                 keep = new
         if on_round:
             on_round(k, d)
-    return {n: v.to("cpu", copy=True) for n, v in lay.views(keep).items()}
+    got = {n: v.to("cpu", copy=True) for n, v in lay.views(keep).items()}
+    return {n: got[n] if n in got else whole[n] for n in order}

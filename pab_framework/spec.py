@@ -101,7 +101,8 @@ class PrunerCall(PluginCall):
         "global", description="`global`: one threshold over all layers; `local`: every layer keeps `density`."
     )
     classifier_density: Optional[float] = Field(
-        None, gt=0, le=1, description="A separate kept fraction for the final classifier layer (default: as the others)."
+        None, gt=0, le=1, description="A separate kept fraction for the final classifier layer (default: as the others); "
+        "1.0 leaves it out of pruning and scoring altogether, as the original CIFAR code's plain nn.Linear."
     )
     prune_bias: bool = Field(False, description="Also prune the biases of the prunable layers.")
     prune_batchnorm: bool = Field(False, description="Also prune BatchNorm weights (and biases with prune_bias).")

@@ -52,7 +52,8 @@ def test_training_parameters_rekey_only_the_train_stage(write_spec):
 def test_parameters_that_change_no_result_do_not_fork_the_key(write_spec):
     base = keys(write_spec, PSG_SPEC)
     # documented as changing no gradient in PaB's setting; checkpoint frequency (resume is exact)
-    for change in ("stages.train.quantizer.msb_bits_weight=4", "stages.train.checkpoint_every_steps=3"):
+    for change in ("stages.train.quantizer.msb_bits_weight=4", "stages.train.checkpoint_every_steps=3",
+                   "stages.train.optimizer.implementation=eager"):
         assert keys(write_spec, PSG_SPEC, change) == base, change
     # while a parameter that does change gradients forks it
     assert keys(write_spec, PSG_SPEC, "stages.train.quantizer.msb_bits=6")["train"] != base["train"]

@@ -12,6 +12,8 @@ from pab_framework.errors import DataError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.507, 0.487, 0.441)  # CIFAR-100's own statistics, as the original PaB code
+CIFAR100_STD = (0.267, 0.256, 0.276)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,6 +28,7 @@ def _root(root: str, base_dir) -> Path:
 
 class _Cifar:
     num_classes = 10
+    mean, std = CIFAR_MEAN, CIFAR_STD
     folder = "cifar-10-batches-py"
     tv_class = "CIFAR10"
     # the files torchvision reads, by split (and for both: the class names)
@@ -38,7 +41,7 @@ class _Cifar:
         augment: bool = Field(True, description="Random crop (padding 4) and horizontal flip for training.")
 
     def info(self, params, *, base_dir=None) -> DataInfo:
-        return DataInfo(num_classes=self.num_classes, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)
+        return DataInfo(num_classes=self.num_classes, input_shape=(3, 32, 32), mean=self.mean, std=self.std)
 
     def check(self, params, splits, *, base_dir=None) -> None:
         """The files the splits need are there (or will be downloaded); their checksums are
@@ -65,7 +68,7 @@ class _Cifar:
                 f"{self.tv_class} data not found: looked for {root / self.folder} "
                 f"(set data.root to the directory that contains {self.folder}/, or data.download: true)", key="root"
             )
-        norm = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        norm = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if split == "train" and params.augment else []) + norm)
         try:
             return getattr(torchvision.datasets, self.tv_class)(str(root), train=split == "train", transform=tf, download=params.download)
@@ -81,6 +84,7 @@ class Cifar100(_Cifar):
     """CIFAR-100 in torchvision's format (`cifar-100-python/` under `root`)."""
 
     num_classes = 100
+    mean, std = CIFAR100_MEAN, CIFAR100_STD
     folder = "cifar-100-python"
     tv_class = "CIFAR100"
     files = {"train": ["train"], "val": ["test"], "both": ["meta"]}

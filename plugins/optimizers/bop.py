@@ -43,7 +43,8 @@ class BopHybrid(TrainOptimizer):
         self.surviving = [int(w.detach().ne(0).sum()) for w in weights]
 
     def zero_grad(self) -> None:
-        self.bop.zero_grad(set_to_none=True)
+        # Bop's gradients live in one flat buffer: one zeroing op, and autograd accumulates into it
+        self.bop.zero_grad(set_to_none=False)
         self.rest.zero_grad()
 
     def step(self) -> None:
@@ -64,7 +65,7 @@ class BopHybrid(TrainOptimizer):
         surviving weights whose sign differs from the start, ar and tau; then the rest's figures.
         One host transfer per epoch; the flip counters start again from zero."""
         counts = self.bop.flip_counts()
-        flips = torch.stack([c.to("cpu") for c in counts]).tolist() if counts else []
+        flips = torch.stack(counts).tolist() if counts else []  # one host sync per epoch
         self.bop.reset_flip_counts()
         weights = [q for g in self.bop.param_groups for q in g["params"]]
         changed = [int((w.detach().lt(0).cpu() != neg).sum()) for w, neg in zip(weights, self.init_negative)]
@@ -108,8 +109,10 @@ class BopPlugin:
         ar_decay: Optional[Decay] = Field(None, description="Multiply ar by `factor` every `every` epochs.")
         tau_decay: Optional[Decay] = Field(None, description="Multiply tau by `factor` every `every` epochs.")
         implementation: Literal["auto", "eager", "compiled"] = Field(
-            "auto", description="`eager`: vectorised torch ops; `compiled`: one torch.compile'd kernel per step (a one-time "
-            "compilation, then close to memory speed); `auto`: compiled for models of 5M+ sign-trained weights."
+            "auto", json_schema_extra={"key": False},
+            description="`eager`: plain torch ops over one flat vector; `compiled`: one torch.compile'd kernel per step "
+            "(compiled once per process, a few seconds, then close to memory speed); `auto`: compiled for 1M+ sign-trained weights. "
+            "Both compute bitwise alike, so the choice does not change a stage's key."
         )
         owns: Literal["masked", "conv"] = Field(
             "masked", description="Which weights Bop trains: every masked weight, or Conv2d weights only (as the original PaB code)."
