@@ -349,6 +349,7 @@ class _Resolver:
     def __init__(self, reg: Registry):
         self.reg = reg
         self.problems: list[tuple[tuple, str]] = []
+        self.resolved: list[tuple[Any, BaseModel, tuple]] = []  # (plugin, params, where in the spec)
 
     def call(self, call: PluginCall, loc: tuple) -> None:
         try:
@@ -362,7 +363,19 @@ class _Resolver:
             self.problems += problems_from_validation(err, loc, _merged_model(type(call), entry.Params))
             return
         call._entry, call._params = entry, params
+        self.resolved.append((entry.obj, params, loc))
         self.walk(params, loc)
+
+    def combination_problems(self, spec: "ExperimentSpec") -> list[tuple[tuple, str]]:
+        """A plugin may refuse a combination with the rest of the spec that it cannot run
+        correctly: its optional `spec_problems(params, spec)` returns (key path below its own
+        section, message) pairs."""
+        out = []
+        for plugin, params, loc in self.resolved:
+            check = getattr(plugin, "spec_problems", None)
+            if callable(check):
+                out += [(loc + tuple(rel), msg) for rel, msg in check(params, spec)]
+        return out
 
     def walk(self, obj: Any, loc: tuple) -> None:
         """Resolve every plugin call nested inside a validated model."""
@@ -480,6 +493,8 @@ def spec_from_dict(
     for sid, st in spec.stages.items():
         res.stage(sid, st)
     problems = res.problems + _check_graph(spec)
+    if not problems:
+        problems = res.combination_problems(spec)
     if problems:
         fail(problems)
     spec._base_dir = base_dir if base_dir is not None else Path(".")
