@@ -369,7 +369,7 @@ def test_a_non_finite_gradient_stays_visible():
 
 
 _TRITON_CHECK = r"""
-import os, sys, torch, torch.nn as nn
+import copy, os, sys, torch, torch.nn as nn
 sys.path.insert(0, sys.argv[1])
 from tests.test_psg import CASES, wrapped
 from plugins.quantizers.psg import PSG
@@ -391,6 +391,23 @@ for path in ("host", "triton"):
                 results.setdefault((i, amp, kind), []).append((m[0].weight.grad, x.grad, PSG().stats(m)))
 bad = [k for k, ((a, ax, sa), (b, bx, sb)) in results.items() if not (torch.equal(a, b) and torch.equal(ax, bx) and sa == sb)]
 assert psg_triton._GOOD == {"quantize_pair", "combine"}, psg_triton._GOOD
+# launches of the CUDA path: aten ops (allocations launch nothing) and Triton kernels, the interpreter's own traffic not seen
+from torch.utils._python_dispatch import _disable_current_modes
+from tests.test_psg import _count, _layer
+launch = psg_triton._launch
+def quiet(*a, **k):
+    with _disable_current_modes():
+        launch(*a, **k)
+psg_triton._launch = quiet
+for kind in ("conv", "linear"):
+    plain, x = _layer(kind)
+    for amp in (False, True):
+        a = _count(plain, x, amp=amp)
+        n = psg_triton.LAUNCHES
+        b = [op for op in _count(wrapped(copy.deepcopy(plain)), x, amp=amp) if not op.startswith("empty")]
+        extra = len(b) + (psg_triton.LAUNCHES - n) // 2 - len(a)  # (_count runs two steps: one untimed)
+        assert extra <= 12 and _count.reads == 0, (kind, amp, extra, a, b)
+        print(kind, amp, "extra launches", extra)
 print("OK" if not bad else f"differ: {bad}")
 """
 

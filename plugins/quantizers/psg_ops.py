@@ -22,35 +22,39 @@ rint rounding half to even (ties go to the even code). Ranges:
   x >= 0 everywhere: [0, m], D = m / 2^bits, z = 0; otherwise [-m, m], D = 2m / 2^bits,
   z = 2^(bits-1). D is rounded to float32 once; D = 0 (x all zero) is taken as 1.
 - g: m = max|g| over the whole tensor; [-m, m], D = 2m / 2^bits, z = 2^(bits-1).
-Zero maps to code z and back to exactly 0. A non-finite x or g makes the whole quantised copy
-NaN (D is not finite), so the weight gradient is non-finite as the plain layer's would be.
+Zero maps to code z and back to exactly 0. A non-finite x or g makes D non-finite and so the
+whole quantised copy: the weight gradient is then non-finite, as the plain layer's would be.
 
 What is saved for backward: what the plain layer saves (its input, as cast for the forward, and
 its weight), nothing more. In the networks PaB trains the conv input is a ReLU's output, which
 autograd keeps for the ReLU's backward anyway: an 8-bit copy saved next to it would only add
-memory. The quantisation therefore happens in the backward pass, on the saved input.
+memory. The quantisation therefore happens in the backward pass, on the saved input, and the
+backward orders its work so that its temporaries (the two quantised copies, g_msb) are gone as
+early as possible: g_msb is made first, then the plain input gradient, then the threshold.
 
 When no weight gradient is wanted (under `torch.no_grad()` / inference mode, or with a frozen
 weight) the layer is the plain `F.conv2d` / `F.linear`: nothing is quantised.
 
-Where it runs (same definition everywhere; which path is chosen per call by the device)
----------------------------------------------------------------------------------------
-Every path uses the same aten ops for the parts that are the plain layer's (the convolution and
-its backward, the matmuls) and for three reductions: `aminmax` of the input per sample,
-`linalg.vector_norm(ord=inf)` of g and (relative threshold) of g_msb. The rest is fused:
-- CPU tensors: the three reductions' results are read to Python (a CPU has no device to wait
-  for), then one `fake_quantize_per_tensor_affine` per quantised copy and one `hardshrink`
-  (threshold + sparsify) or `abs`/`lt`/`where` (not sparsify). Backward of a Conv2d, default
-  settings: 9 aten ops more than the plain layer, 4 host reads of small results.
-- CUDA with Triton (`psg_triton.py`): the two quantised copies in one kernel, the threshold,
-  fill, sign, cast and kept count in a second; their scalars are read on the device. Backward of
-  a Conv2d: 4 aten ops (three reductions, the second convolution_backward) and 2 Triton
-  launches more than the plain layer; no host sync. A kernel that fails to build falls back,
-  with one warning, to:
-- any other device: the same definition in aten ops whose scalars stay on the device (more,
-  smaller launches; no host sync).
+Where it runs (the same definition everywhere; the path is chosen per call by the device)
+-----------------------------------------------------------------------------------------
+The parts that are the plain layer's (the convolution, its input-gradient call, the matmuls) are
+the same aten ops on every path. The rest, in launches per layer and step beyond the plain
+layer's (views and allocations not counted; Conv2d, default settings, fp32):
+- CPU tensors (`_HostPath`), 9 aten ops: per-sample `amin`/`amax` of x and `aminmax` of g and of
+  g_msb (their results are read to Python: a CPU has no device to wait for), one fake-quantise
+  per quantised copy (`fake_quantize_per_channel_affine` with one scale for every channel: the
+  per-tensor arithmetic, twice as fast on the CPU), the second `convolution_backward`, an
+  in-place `hardshrink` (threshold and sparsify) and one `count_nonzero` written into a ring of
+  per-step counts (folded into the total every 64 steps).
+- CUDA with Triton (`psg_triton.py`), 6 launches and no host sync: `aminmax` of x per sample,
+  `vector_norm(ord=inf)` of g and of g_msb, the second `convolution_backward`, one kernel for
+  both quantised copies and one for the threshold, fill, sign, cast and kept count (an atomic
+  add per program); their scalars are read on the device. A kernel that fails to build falls
+  back, with one warning, to:
+- any other device (`_DevicePath`): the same definition in aten ops whose scalars stay on the
+  device (more, smaller launches; no host sync).
 `PAB_PSG_BACKEND=host|device|triton` forces a path (tests; `triton` on CPU tensors needs
-`TRITON_INTERPRET=1`).
+`TRITON_INTERPRET=1`). The tests hold the three paths to each other bitwise.
 """
 from __future__ import annotations
 
@@ -201,6 +205,9 @@ def _host(t: torch.Tensor):
     return t.tolist()
 
 
+_CONSTS: dict = {}  # small constant tensors, made once
+
+
 # ---------------------------------------------------------------------------- CPU: host scalars
 class _HostPath:
     name = "host"
@@ -211,19 +218,29 @@ class _HostPath:
         lo, hi = _host(lo), _host(hi)
         return math.nan if lo != lo or hi != hi else max(hi, -lo)
 
+    @staticmethod
+    def _fq(t, d: float, z: int, bits: int):
+        """fake_quantize_per_tensor_affine(t, d, z, 0, 2^bits - 1), computed by the per-channel op with
+        the same scale for every channel (the same arithmetic; on the CPU about twice as fast)."""
+        zp = _CONSTS.get(("zp", z))
+        if zp is None:
+            zp = _CONSTS[("zp", z)] = torch.tensor([z], dtype=torch.int32)
+        n = t.shape[0]
+        return torch.fake_quantize_per_channel_affine(t, torch.tensor([d]).expand(n), zp.expand(n), 0, 0, 2**bits - 1)
+
     @classmethod
     def quantize(cls, x, g, cfg: PsgConfig):
         rows = _rows(x)  # (amax and amin along a dim are vectorised on the CPU; aminmax along a dim is not)
         d, z = input_scale(_host(rows.amin(1)), _host(rows.amax(1)), cfg.msb_bits)
-        xq = torch.fake_quantize_per_tensor_affine(x, d, z, 0, 2**cfg.msb_bits - 1)
+        xq = cls._fq(x.reshape(1, -1) if x.dim() < 2 else x, d, z, cfg.msb_bits).view_as(x)
         bits = cfg.msb_bits_grad
-        gq = torch.fake_quantize_per_tensor_affine(g, grad_scale(cls._absmax(g), bits), 2 ** (bits - 1), 0, 2**bits - 1)
+        gq = cls._fq(g.reshape(1, -1) if g.dim() < 2 else g, grad_scale(cls._absmax(g), bits), 2 ** (bits - 1), bits).view_as(g)
         return xq, gq
 
     @classmethod
-    def combine(cls, r, r_full, cfg: PsgConfig, stats: PsgStats | None, out_dtype):
+    def combine(cls, box, r_full, cfg: PsgConfig, stats: PsgStats | None, out_dtype):
         cd = _combine_dtype(out_dtype)
-        r = r.to(cd)
+        r = box.pop().to(cd)  # g_msb, ours alone from here: written in place
         if cfg.threshold_mode == "relative":
             m = cls._absmax(r)
             thr = m * cfg.threshold if cd == torch.float64 else _f32(_f32(cfg.threshold) * m)
@@ -236,7 +253,7 @@ class _HostPath:
                 stats.kept_host += n
         else:
             lam = math.nextafter(thr, 0.0) if cd == torch.float64 else _below(thr)
-            out = F.hardshrink(r, lam)  # 0 where |r| <= lam, i.e. |r| < thr: the dropped entries
+            out = torch.ops.aten.hardshrink.out(r, lam, out=r)  # 0 where |r| <= lam, i.e. |r| < thr: the dropped entries
             if stats is not None:  # kept entries are exactly the nonzero ones (|r| >= thr > 0)
                 torch.ops.aten.count_nonzero.out(out, out=stats.slot(out.device))
             if not cfg.sparsify:
@@ -249,7 +266,6 @@ class _HostPath:
 
 
 # ---------------------------------------------------------------------------- any device: device scalars
-_CONSTS: dict = {}
 
 
 def _const(value, dtype, device) -> torch.Tensor:
@@ -285,8 +301,8 @@ class _DevicePath:
         return xq, gq
 
     @staticmethod
-    def combine(r, r_full, cfg: PsgConfig, stats: PsgStats | None, out_dtype):
-        r = r.to(_combine_dtype(out_dtype))
+    def combine(box, r_full, cfg: PsgConfig, stats: PsgStats | None, out_dtype):
+        r = box.pop().to(_combine_dtype(out_dtype))
         a = r.abs()
         thr = torch.linalg.vector_norm(r, _INF) * cfg.threshold if cfg.threshold_mode == "relative" else cfg.threshold
         drop = a < thr
@@ -333,39 +349,63 @@ def _path(t: torch.Tensor, param_dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------- autograd functions
+def _save(ctx, xc, weight, wc, dt):
+    """What the plain layer keeps for backward, no more: its (cast) input, and its weight. Under
+    autocast the plain layer keeps the cast copy of the weight until its backward ends; here the
+    parameter itself is saved and the copy is lent to the first backward (`ctx.wc`), which drops
+    it as soon as the convolutions are done, before the weight gradient is cast and thresholded."""
+    ctx.save_for_backward(xc, weight)
+    ctx.wc = wc if wc is not weight else None
+    ctx.dt = dt
+
+
+def _restore(ctx):
+    xc, weight = ctx.saved_tensors
+    wc = ctx.wc if ctx.wc is not None else _cast(weight, ctx.dt)  # (cast again only when backward runs twice)
+    ctx.wc = None
+    return xc, wc
+
+
 class _PsgConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, cfg: PsgConfig, stats):
         dt = _autocast_dtype(x.device.type)
         xc, wc, bc = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
         out = F.conv2d(xc, wc, bc, stride, padding, dilation, groups)
-        ctx.save_for_backward(xc, wc)
+        _save(ctx, xc, weight, wc, dt)
         ctx.conf = (stride, padding, dilation, groups, cfg, stats, x.dtype, weight.dtype,
                     None if bias is None else bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xc, wc = ctx.saved_tensors
+        xc, wc = _restore(ctx)
         stride, padding, dilation, groups, cfg, stats, x_dtype, w_dtype, b_dtype = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b_dtype is not None
         stride, padding, dilation = list(stride), list(padding), list(dilation)
+
+        def plain(mask):  # the plain layer's convolution_backward (a backend may fill outputs it was not asked for)
+            outs = torch.ops.aten.convolution_backward(g, xc, wc, [wc.shape[0]] if mask[2] else None, stride, padding,
+                                                       dilation, False, [0, 0], groups, mask)
+            return [o if m else None for o, m in zip(outs, mask)]
+
         gx = gb = gw = r_full = None
-        # the plain layer's gradients (and, without sparsify, the full-precision weight gradient) in one call
-        if need_x or need_b or (need_w and not cfg.sparsify):
-            full = need_w and not cfg.sparsify
-            gx, r_full, gb = torch.ops.aten.convolution_backward(
-                g, xc, wc, [wc.shape[0]] if need_b else None, stride, padding, dilation, False, [0, 0], groups,
-                [need_x, full, need_b])
-            # (a backend may fill outputs it was not asked for)
-            gx, r_full, gb = (gx if need_x else None), (r_full if full else None), (gb if need_b else None)
-        if need_w:
+        full = need_w and not cfg.sparsify
+        if full:  # the input, full-precision weight and bias gradients in one call
+            gx, r_full, gb = plain([need_x, True, need_b])
+        if need_w:  # g_msb first, so that the quantised copies are gone before the input gradient is made
             path = _path(g, w_dtype)
             xq, gq = path.quantize(xc, g, cfg)
-            r = torch.ops.aten.convolution_backward(gq, xq, wc, None, stride, padding, dilation, False, [0, 0], groups,
-                                                    [False, True, False])[1]
-            gw = path.combine(r, r_full, cfg, stats, w_dtype)
+            box = [torch.ops.aten.convolution_backward(gq, xq, wc, None, stride, padding, dilation, False, [0, 0], groups,
+                                                       [False, True, False])[1]]
+            del xq, gq
+        if not full and (need_x or need_b):
+            gx, _, gb = plain([need_x, False, need_b])
+        del wc
+        if need_w:
+            gw = path.combine(box, r_full, cfg, stats, w_dtype)  # takes g_msb out of the box: it may reuse its memory
+            del r_full
         if gx is not None and gx.dtype != x_dtype:
             gx = gx.to(x_dtype)
         if gb is not None and gb.dtype != b_dtype:
@@ -379,31 +419,34 @@ class _PsgLinear(torch.autograd.Function):
         dt = _autocast_dtype(x.device.type)
         xc, wc, bc = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
         out = F.linear(xc, wc, bc)
-        ctx.save_for_backward(xc, wc)
+        _save(ctx, xc, weight, wc, dt)
         ctx.conf = (cfg, stats, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xc, wc = ctx.saved_tensors
+        xc, wc = _restore(ctx)
         cfg, stats, x_dtype, w_dtype, b_dtype = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gb = gw = None
+        gx = gb = gw = r_full = None
         g2 = g.reshape(-1, g.shape[-1])
+        if need_w:  # g_msb first, so that the quantised copies are gone before the input gradient is made
+            path = _path(g, w_dtype)
+            xq, gq = path.quantize(xc, g, cfg)
+            box = [gq.reshape(-1, g.shape[-1]).t() @ xq.reshape(-1, wc.shape[1])]
+            del xq, gq
+            r_full = None if cfg.sparsify else g2.t() @ xc.reshape(-1, wc.shape[1])
         if need_x:
             gx = g @ wc
             if gx.dtype != x_dtype:
                 gx = gx.to(x_dtype)
+        del wc
         if need_b and b_dtype is not None:
             gb = g2.sum(0)
             if gb.dtype != b_dtype:
                 gb = gb.to(b_dtype)
         if need_w:
-            path = _path(g, w_dtype)
-            xq, gq = path.quantize(xc, g, cfg)
-            r = gq.reshape(-1, g.shape[-1]).t() @ xq.reshape(-1, wc.shape[1])
-            r_full = None if cfg.sparsify else g2.t() @ xc.reshape(-1, wc.shape[1])
-            gw = path.combine(r, r_full, cfg, stats, w_dtype)
+            gw = path.combine(box, r_full, cfg, stats, w_dtype)  # takes g_msb out of the box: it may reuse its memory
         return gx, gw, gb, None, None
 
 
