@@ -442,7 +442,7 @@ def test_cuda_follows_the_formulas_without_host_reads():
             assert psg_ops.HOST_READS == reads
             xd = x.detach().to(out.dtype)
             want, keep = expected_weight_grad(lambda x_, w_: F.conv2d(x_, w_, None, 2, 1), xd, conv.weight, g, PSG.Params(**case))
-            tol = dict(rtol=1.6e-2, atol=1e-3) if amp else dict(rtol=1e-4, atol=1e-5)
+            tol = dict(rtol=1.6e-2, atol=1e-3) if amp else dict(rtol=2e-3, atol=1e-4)  # (TF32 convolutions)
             torch.testing.assert_close(m[0].weight.grad, want, **tol)
             assert m[0].weight.grad.dtype == torch.float32
 

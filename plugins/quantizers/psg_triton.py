@@ -75,12 +75,12 @@ def _quantize_pair(x_ptr, xq_ptr, nx, mins_ptr, maxs_ptr, ns, g_ptr, gq_ptr, ng,
         lo = tl.full([NSB], float("inf"), dtype=tl.float32)
         for i in range(0, ns, NSB):
             o = i + tl.arange(0, NSB)
-            m = o < ns
-            a = tl.load(mins_ptr + o, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(maxs_ptr + o, mask=m, other=0.0).to(tl.float32)
+            ms = o < ns
+            a = tl.load(mins_ptr + o, mask=ms, other=0.0).to(tl.float32)
+            b = tl.load(maxs_ptr + o, mask=ms, other=0.0).to(tl.float32)
             # (a - a) + (b - b) is 0, or NaN when a or b is not finite: the range becomes NaN
             acc += (tl.maximum(b, -a) + ((a - a) + (b - b))).to(tl.float64)
-            lo = tl.minimum(lo, tl.where(m, a, float("inf")))
+            lo = tl.minimum(lo, tl.where(ms, a, float("inf")))
         signed = tl.min(lo, 0) < 0.0
         mean = tl.sum(acc, 0) / ns
         scale = (mean * tl.where(signed, 2.0, 1.0) / X_LEVELS).to(tl.float32)
