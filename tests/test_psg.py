@@ -119,18 +119,24 @@ def test_linear_gradients_follow_the_formulas(case):
     assert PSG().stats(model)["0.weight"] == {"kept": int(keep.sum()), "total": keep.numel()}
 
 
-def test_the_quantiser_rounds_ties_to_even_and_keeps_zeros():
+@pytest.mark.parametrize("path,dtype", [("host", torch.float32), ("host", torch.float64), ("device", torch.float32)])
+def test_the_quantiser_rounds_ties_to_even_and_keeps_zeros(path, dtype):
+    """The vectorised CPU passes (float32), the fused fake-quantise ops (other dtypes) and the device path."""
+    quantize = (psg_ops._HostPath if path == "host" else psg_ops._DevicePath).quantize
+    t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
     # one sample, x >= 0, max 256: D = 1, so x * (1/D) is x itself and .5 is a tie
-    x = torch.tensor([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]])
-    xq, _ = psg_ops._HostPath.quantize(x, torch.ones(3), psg_ops.PsgConfig())
+    xq, _ = quantize(t([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]]), t([1.0, 1.0]), psg_ops.PsgConfig())
     assert xq.tolist() == [[0.0, 0.0, 2.0, 2.0, 4.0, 254.0, 255.0]]  # the top value is clamped to 2^8 - 1 codes
     # signed: [-m, m] with 2^bits levels; zero maps back to exactly 0
-    g = torch.tensor([-4.0, -1.0, 0.0, 0.03125, 0.09375, 4.0])  # D = 8 / 2^8 = 1/32: the last two are 1 and 3 codes
-    _, gq = psg_ops._HostPath.quantize(torch.ones(1, 2), g, psg_ops.PsgConfig(msb_bits_grad=8))
+    g = t([-4.0, -1.0, 0.0, 0.03125, 0.09375, 4.0])  # D = 8 / 2^8 = 1/32: the last two are 1 and 3 codes
+    _, gq = quantize(t([[1.0, 1.0]]), g, psg_ops.PsgConfig(msb_bits_grad=8))
     assert gq.tolist() == [-4.0, -1.0, 0.0, 0.03125, 0.09375, 4.0 - 0.03125]
-    g = torch.tensor([-4.0, 0.015625, 0.046875])  # 0.5 and 1.5 codes: ties to 0 and 2
-    _, gq = psg_ops._HostPath.quantize(torch.ones(1, 2), g, psg_ops.PsgConfig(msb_bits_grad=8))
+    g = t([-4.0, 0.015625, 0.046875])  # 0.5 and 1.5 codes: ties to 0 and 2
+    _, gq = quantize(t([[1.0, 1.0]]), g, psg_ops.PsgConfig(msb_bits_grad=8))
     assert gq.tolist() == [-4.0, 0.0, 0.0625]
+    # a sample with negatives: [-m, m], m the batch mean of the samples' max|x| = (2 + 6) / 2 = 4, D = 8 / 2^8
+    xq, _ = quantize(t([[-2.0, 0.0, 1.0], [6.0, -0.046875, 0.015625]]), t([1.0]), psg_ops.PsgConfig())
+    assert xq.tolist() == [[-2.0, 0.0, 1.0], [4.0 - 0.03125, -0.0625, 0.0]]
 
 
 def test_a_model_keeps_its_keys_outputs_and_masks():
@@ -396,6 +402,11 @@ for path in ("host", "triton"):
                 results.setdefault((i, amp, kind), []).append((m[0].weight.grad, x.grad, PSG().stats(m)))
 bad = [k for k, ((a, ax, sa), (b, bx, sb)) in results.items() if not (torch.equal(a, b) and torch.equal(ax, bx) and sa == sb)]
 assert psg_triton._GOOD == {"quantize_pair", "combine"}, psg_triton._GOOD
+# ties to even, the top code clamped, zeros kept (as test_the_quantiser_rounds_ties_to_even_and_keeps_zeros)
+from plugins.quantizers.psg_ops import PsgConfig
+xq, gq = psg_triton.TritonPath.quantize(torch.tensor([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]]),
+                                        torch.tensor([-4.0, 0.015625, 0.046875, 0.0]), PsgConfig(msb_bits_grad=8))
+assert xq.tolist() == [[0.0, 0.0, 2.0, 2.0, 4.0, 254.0, 255.0]] and gq.tolist() == [-4.0, 0.0, 0.0625, 0.0], (xq, gq)
 # launches of the CUDA path: aten ops (allocations launch nothing) and Triton kernels, the interpreter's own traffic not seen
 from torch.utils._python_dispatch import _disable_current_modes
 from tests.test_psg import _count, _layer
