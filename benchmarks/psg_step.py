@@ -230,8 +230,16 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _case(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, dev: torch.device, warmup: int, reps: int):
-    """Median ms of one step and the peak memory (MiB, CUDA) of a fresh model."""
+def _case(*args):
+    """Median ms of one step and the peak memory (MiB, CUDA) of a fresh model, freed afterwards."""
+    out = _measure(*args)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, dev: torch.device, warmup: int, reps: int):
     torch.manual_seed(0)
     model = build().to(dev)
     prunable = prunable_parameters(model)
@@ -269,10 +277,6 @@ def _case(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, dev
         ts.append((time.perf_counter() - t) * 1000)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     path = psg_ops._path(x, torch.float32).name if psg else None
-    del model, bop, sgd, x, y
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
     return statistics.median(ts), peak, path
 
 

@@ -379,6 +379,14 @@ def _restore(ctx):
     return xc, wc
 
 
+def _conv_backward(g, x, w, conv, mask):
+    """The plain layer's convolution_backward, outputs not asked for as None (a backend may fill them)."""
+    stride, padding, dilation, groups = conv
+    outs = torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]] if mask[2] else None, stride, padding, dilation,
+                                               False, [0, 0], groups, mask)
+    return [o if m else None for o, m in zip(outs, mask)]
+
+
 class _PsgConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, cfg: PsgConfig, stats):
@@ -398,15 +406,11 @@ class _PsgConv2d(torch.autograd.Function):
         need_b = need_b and b_dtype is not None
         stride, padding, dilation = list(stride), list(padding), list(dilation)
 
-        def plain(mask):  # the plain layer's convolution_backward (a backend may fill outputs it was not asked for)
-            outs = torch.ops.aten.convolution_backward(g, xc, wc, [wc.shape[0]] if mask[2] else None, stride, padding,
-                                                       dilation, False, [0, 0], groups, mask)
-            return [o if m else None for o, m in zip(outs, mask)]
-
+        conv = (stride, padding, dilation, groups)
         gx = gb = gw = r_full = None
         full = need_w and not cfg.sparsify
         if full:  # the input, full-precision weight and bias gradients in one call
-            gx, r_full, gb = plain([need_x, True, need_b])
+            gx, r_full, gb = _conv_backward(g, xc, wc, conv, [need_x, True, need_b])
         if need_w:  # g_msb first, so that the quantised copies are gone before the input gradient is made
             path = _path(g, w_dtype)
             xq, gq = path.quantize(xc, g, cfg)
@@ -414,7 +418,7 @@ class _PsgConv2d(torch.autograd.Function):
                                                        [False, True, False])[1]]
             del xq, gq
         if not full and (need_x or need_b):
-            gx, _, gb = plain([need_x, False, need_b])
+            gx, _, gb = _conv_backward(g, xc, wc, conv, [need_x, False, need_b])
         del wc
         if need_w:
             gw = path.combine(box, r_full, cfg, stats, w_dtype)  # takes g_msb out of the box: it may reuse its memory
