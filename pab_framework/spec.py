@@ -480,6 +480,7 @@ class _Resolver:
     def __init__(self, reg: Registry):
         self.reg = reg
         self.problems: list[tuple[tuple, str]] = []
+        self.resolved: list[tuple[Any, BaseModel, tuple]] = []  # (plugin, params, where in the spec)
 
     def call(self, call: PluginCall, loc: tuple) -> None:
         try:
@@ -500,8 +501,20 @@ class _Resolver:
             self.problems += problems_from_validation(err, loc, _merged_model(base, entry.Params))
             self.raw_fields(entry.Params, keys, loc)
             return None
+        self.resolved.append((entry.obj, params, loc))
         self.walk(params, loc)
         return params
+
+    def combination_problems(self, spec: "ExperimentSpec") -> list[tuple[tuple, str]]:
+        """A plugin may refuse a combination with the rest of the spec that it cannot run
+        correctly: its optional `spec_problems(params, spec)` returns (key path below its own
+        section, message) pairs."""
+        out = []
+        for plugin, params, loc in self.resolved:
+            check = getattr(plugin, "spec_problems", None)
+            if callable(check):
+                out += [(loc + tuple(rel), msg) for rel, msg in check(params, spec)]
+        return out
 
     def walk(self, obj: Any, loc: tuple) -> None:
         """Resolve every plugin call nested inside a validated model."""
@@ -806,6 +819,8 @@ def spec_from_dict(
         graph = _check_graph(spec)
     flagged = {p for p, _ in bad}
     problems = list(dict.fromkeys(bad + [(p, m) for p, m in structure + res.problems + graph if p not in flagged]))
+    if not problems and spec is not None:
+        problems = res.combination_problems(spec)
     if problems or spec is None:
         fail(problems)
     spec._base_dir = base_dir if base_dir is not None else Path(".")

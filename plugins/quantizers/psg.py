@@ -4,6 +4,12 @@
 into its PSG form in place: the module keeps its parameters, buffers and state_dict keys (so the
 masks, checkpoints and the saved model.pt load into the plain architecture), and only its
 forward changes, to the custom autograd functions of `psg_ops`. Everything else is left alone.
+
+Mixed precision: under `runtime.amp` the layers compute their forward in the autocast dtype as
+the plain layers would, and the weight gradients come back in the parameters' dtype. With
+`amp: fp16` the gradients PSG sees are multiplied by the loss scaler's changing factor, so an
+absolute threshold or `take_sign` cannot mean what they say: `pab validate` refuses those two
+with fp16 (`spec_problems`).
 """
 from __future__ import annotations
 
@@ -18,33 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from pab_framework.callbacks import Callback
 from pab_framework.transforms import TransformContext
 
-from .psg_ops import PsgConfig, psg_conv2d, psg_linear
+from .psg_ops import PsgConfig, PsgStats, psg_conv2d, psg_linear
 
 log = logging.getLogger(__name__)
-
-
-class _Stats:
-    """Entries of the weight gradient kept by the threshold since the last reset (on the device)."""
-
-    def __init__(self, device):
-        self.kept = torch.zeros((), dtype=torch.int64, device=device)
-        self.total = 0
-
-    def __getitem__(self, i):
-        return self.kept if i == 0 else self.total
-
-    def __setitem__(self, i, v):
-        if i == 0:
-            self.kept = v
-        else:
-            self.total = v
 
 
 class PsgConv2d(nn.Conv2d):
     """An nn.Conv2d whose weight gradient is PSG's; made from an existing Conv2d by `PSG.apply`."""
 
     psg: PsgConfig
-    psg_stats: _Stats
+    psg_stats: PsgStats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
@@ -58,7 +47,7 @@ class PsgLinear(nn.Linear):
     """An nn.Linear whose weight gradient is PSG's; made from an existing Linear by `PSG.apply`."""
 
     psg: PsgConfig
-    psg_stats: _Stats
+    psg_stats: PsgStats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return psg_linear(x, self.weight, self.bias, self.psg, self.psg_stats)
@@ -81,6 +70,21 @@ class PSG:
             "by the sign of its flag.")
         sparsify: bool = Field(True, description="Below the threshold the gradient is 0 (true) or the full-precision gradient (false).")
         take_sign: bool = Field(False, description="Replace the weight gradient by its sign.")
+
+    def spec_problems(self, params: "PSG.Params", spec) -> list[tuple[tuple, str]]:
+        """Settings that cannot work with the rest of the spec (the framework reports them with
+        their file, line and key)."""
+        out = []
+        if spec.runtime.amp == "fp16":
+            scaled = ("with runtime.amp: fp16 every gradient reaching PSG is multiplied by the loss scaler's "
+                      "changing factor")
+            if params.threshold_mode == "absolute":
+                out.append((("threshold_mode",), f"'absolute' compares the weight gradient with a fixed number, but {scaled}; "
+                            "use threshold_mode: relative (unaffected by the factor) or runtime.amp: bf16"))
+            if params.take_sign:
+                out.append((("take_sign",), "true makes every weight gradient +-1, which the fp16 loss scaler then "
+                            "divides by its changing factor, so the optimizer would see +-1/scale; use runtime.amp: bf16 or none"))
+        return out
 
     def apply(self, model: nn.Module, params: "PSG.Params", tctx: TransformContext) -> nn.Module:
         """Wrap the masked Conv2d/Linear layers of `model` in place; their kept fractions are
@@ -105,7 +109,7 @@ class PSG:
                 continue
             # the same object, its class swapped: parameters, buffers, hooks and keys stay as they were
             m.psg = cfg
-            m.psg_stats = _Stats(m.weight.device)
+            m.psg_stats = PsgStats(m.weight.device)
             wrapped += 1
         if prunable and not wrapped:
             log.warning("psg: no layer was wrapped")
@@ -121,13 +125,14 @@ class PSG:
         layers = self.layers(model)
         if not layers:
             return {}
-        kept = torch.stack([m.psg_stats.kept.to("cpu") for m in layers.values()]).tolist()
-        return {f"{n}.weight": {"kept": k, "total": m.psg_stats.total} for (n, m), k in zip(layers.items(), kept)}
+        counts = [m.psg_stats.kept_on_device() for m in layers.values()]
+        kept = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
+        return {f"{n}.weight": {"kept": k + m.psg_stats.kept_host, "total": m.psg_stats.total}
+                for (n, m), k in zip(layers.items(), kept)}
 
     def reset_stats(self, model: nn.Module) -> None:
         for m in self.layers(model).values():
-            m.psg_stats.kept.zero_()
-            m.psg_stats.total = 0
+            m.psg_stats.reset()
 
     def epoch_figures(self, model: nn.Module) -> dict:
         """`psg_kept`: the kept fraction over all layers; `psg_kept_per_layer`: layer -> kept
