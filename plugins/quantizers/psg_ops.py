@@ -44,10 +44,11 @@ layer's (views and allocations not counted; Conv2d, default settings, fp32):
   g_msb (their results are read to Python: a CPU has no device to wait for), the two quantised
   copies in five `_foreach` passes over both tensors (multiply, round, clamp below and above,
   multiply: the fake-quantise arithmetic above, vectorised; the fake-quantise kernels are scalar
-  loops on a CPU, four times slower, and are used only for other dtypes than float32: then 9
-  ops), the second `convolution_backward`, an in-place `hardshrink` (threshold and sparsify)
-  and one `count_nonzero` written into a ring of per-step counts (folded into the total every
-  64 steps). `sparsify: false` adds 2 (a compare and a select), `take_sign` 1.
+  loops on a CPU, four times slower, and are used only for other dtypes than float32 and for
+  the settings below: then 9 ops), the second `convolution_backward`, an in-place `hardshrink`
+  (threshold and sparsify) and one `count_nonzero` written into a ring of per-step counts
+  (folded into the total every 64 steps). `sparsify: false` adds 2 (a compare and a select),
+  `take_sign` 1: with either, the copies take the two fake-quantise calls, to stay within 12.
 - CUDA with Triton (`psg_triton.py`), 6 launches and no host sync: `aminmax` of x per sample,
   `vector_norm(ord=inf)` of g and of g_msb, the second `convolution_backward`, one kernel for
   both quantised copies and one for the threshold, fill, sign, cast and kept count (an atomic
@@ -236,9 +237,11 @@ class _HostPath:
         d, z = input_scale(_host(rows.amin(1)), _host(rows.amax(1)), cfg.msb_bits)
         bits = cfg.msb_bits_grad
         dg, zg = grad_scale(cls._absmax(g), bits), 2 ** (bits - 1)
-        if x.dtype == g.dtype == torch.float32:
+        if x.dtype == g.dtype == torch.float32 and cfg.sparsify and not cfg.take_sign:
             # the same arithmetic in five vectorised passes over both tensors at once: about 4x faster than
-            # the fake-quantise kernels, which are scalar loops on the CPU
+            # the fake-quantise kernels, which are scalar loops on the CPU. Only with PaB's settings: keeping
+            # the full-precision gradient or taking signs costs 2-3 ops more elsewhere, and the two
+            # fake-quantise calls keep those settings within 12 ops of the plain layer too
             inv = [_f32(1.0 / d), _f32(1.0 / dg)]
             q = torch._foreach_mul([x, g], inv)  # v * (1/D), a float32 product
             torch._foreach_round_(q)  # to nearest, ties to even
