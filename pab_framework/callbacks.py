@@ -241,7 +241,9 @@ class Progress(Callback):
     def on_epoch_end(self, trainer, figures) -> None:
         row = trainer.metrics[-1]
         extra = f"  flips {row['flips']}" if isinstance(row.get("flips"), int) else ""
-        self.epochs.advance(1, info=f"loss {row['train_loss']:.4f}  val_acc {row['val_acc']:.4f}{extra}", log=True)
+        loss, acc = row.get("train_loss"), row.get("val_acc")
+        info = f"loss {'-' if loss is None else f'{loss:.4f}'}  val_acc {'-' if acc is None else f'{acc:.4f}'}{extra}"
+        self.epochs.advance(1, info=info, log=True)
         self.shown += 1
 
 

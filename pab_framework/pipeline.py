@@ -2,6 +2,7 @@
 reused when already complete."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -123,7 +124,8 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
             dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
             ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
             t0 = time.perf_counter()
-            result = dict(st.plugin.run(ctx))
+            # a figure that is not finite (a diverged validation loss) is missing, not a failed write
+            result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dict(st.plugin.run(ctx)).items()}
             wall = time.perf_counter() - t0
             result.setdefault("wall_s", round(wall, 3))
             # every session's time: this one's and that of the interrupted ones the stage resumed from

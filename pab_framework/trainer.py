@@ -14,6 +14,7 @@ non-finite flag is read every few steps on accelerators, figures are read once p
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
@@ -154,7 +155,8 @@ class Trainer:
                 figures = sink.collect()
                 row.update(figures.scalars)
                 row["epoch_s"] = round(time.perf_counter() - t0, 3)
-                self.metrics.append(row)
+                # a validation loss that overflowed is a missing figure (JSON has no NaN), not a crash
+                self.metrics.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
                 self._next_epoch()
                 for f in hooks["on_epoch_end"]:
                     f(self, figures)

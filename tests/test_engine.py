@@ -227,3 +227,19 @@ def test_a_spec_lists_transforms_from_both_groups(write_spec):
 
     with pytest.raises(SpecError, match=r"spec.yaml:14, stages.train.transforms\[0\].name: unknown transform 'pgs'; did you mean 'psg'"):
         load_spec(write_spec(text.replace("name: psg", "name: pgs")))
+
+
+def test_a_nonfinite_validation_loss_is_a_missing_figure_not_a_crash(write_spec, monkeypatch):
+    import pab_framework.trainer as trainer
+    from pab_framework.pipeline import run_spec
+
+    real = trainer.evaluate
+
+    def overflowing(*a, **k):
+        return {**real(*a, **k), "val_loss": float("inf")}
+
+    monkeypatch.setattr(trainer, "evaluate", overflowing)
+    out = {o.stage_id: o for o in run_spec(load_spec(write_spec(TINY_SPEC.replace("progress: plain", "progress: none"))))}
+    rows = [json.loads(l) for l in (out["train"].dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in rows] == [None, None] and all(r["val_acc"] > 0 for r in rows)
+    assert json.loads((out["train"].dir / "result.json").read_text())["val_loss"] is None
