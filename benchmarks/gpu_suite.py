@@ -43,7 +43,7 @@ def parts(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
     if quick:  # tiny: the plumbing, not the figures
         return {
             "bop_step": ([py, str(BENCH / "bop_step.py"), *dev, "--reps", "2"], 300),
-            "psg_step": ([py, str(BENCH / "psg_step.py"), *dev, "--reps", "2"], 300),
+            "psg_step": ([py, str(BENCH / "psg_step.py"), *dev, "--tiny", "--reps", "2", "--warmup", "1"], 300),
             "train_cifar": ([py, str(BENCH / "train_throughput.py"), *dev, "--data", "synthetic", "--model", "cifar_resnet18",
                              "--width", "8", "--batch", "32", "--train-size", "64", "--reps", "1", "--epochs", "1"], 300),
             "train_r50": ([py, str(BENCH / "train_throughput.py"), *dev, "--data", "synthetic", "--model", "resnet50", "--batch", "4",
