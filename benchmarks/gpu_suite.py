@@ -17,7 +17,7 @@ Prints a table, then as its very last line one JSON object gathering every part'
 benchmark's own last line), statuses and times. `--quick` makes every part small, to prove the
 plumbing on a CPU (`--device cpu --quick`); its figures mean nothing.
 
-    python benchmarks/gpu_suite.py [--device cuda] [--quick] [--budget 540] [--parts bop_step,tests] [--json out.json]
+    python benchmarks/gpu_suite.py [--device cuda] [--quick] [--budget 540] [--parts bop_step,tests] [--json out.json] [--logs DIR]
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_figures(out: str) -> dict:
     return {"passed": len(by("passed")), "failed": by("failed") + by("error"), "skipped": len(by("skipped")), "outcomes": outcome}
 
 
-def run_part(name: str, cmd: list[str], limit: float, env: dict) -> dict:
+def run_part(name: str, cmd: list[str], limit: float, env: dict, logs: Path | None = None) -> dict:
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=limit)
@@ -103,6 +103,9 @@ def run_part(name: str, cmd: list[str], limit: float, env: dict) -> dict:
     except subprocess.TimeoutExpired as e:
         out, err, rc, status = _text(e.stdout), _text(e.stderr), None, "timeout"
     wall = time.perf_counter() - t
+    if logs is not None:  # the part's whole output, for reading a failure afterwards
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{out}\n--- stderr ---\n{err}")
     rec: dict = {"wall_s": round(wall, 1), "limit_s": round(limit)}
     if name == "tests":
         figs = test_figures(out)
@@ -151,8 +154,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="every part tiny: proves the plumbing (e.g. on a CPU); the figures mean nothing")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite; a part gets at most what is left")
-    ap.add_argument("--parts", default=None, help="comma-separated subset of: " + ", ".join(parts("cuda", False)))
+    ap.add_argument("--parts", default=None, help="comma-separated parts, run in the order given, from: " + ", ".join(parts("cuda", False)))
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON object to this file")
+    ap.add_argument("--logs", type=Path, default=None, help="write each part's whole output to DIR/<part>.log")
     a = ap.parse_args()
     plan = parts(a.device, a.quick)
     if a.parts:
@@ -160,7 +164,7 @@ def main() -> None:
         unknown = [p for p in want if p not in plan]
         if unknown:
             ap.error(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(plan)}")
-        plan = {k: v for k, v in plan.items() if k in want}
+        plan = {k: plan[k] for k in dict.fromkeys(want)}  # in the order given: put first what matters most
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     env.setdefault("CI", "1")  # plain progress lines
@@ -174,7 +178,7 @@ def main() -> None:
         if left < 5:
             results[name] = {"status": "skipped", "reason": "out of suite time (--budget)"}
         else:
-            results[name] = run_part(name, cmd, min(limit, left), env)
+            results[name] = run_part(name, cmd, min(limit, left), env, a.logs)
         r = results[name]
         print(f"  {name:12} {r['status']:8} {r.get('wall_s', 0):7.1f} s  {summary(name, r) if 'figures' in r else r.get('reason', '')}", flush=True)
         if r["status"] in ("failed", "timeout"):
