@@ -15,7 +15,7 @@ import secrets
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -67,6 +67,12 @@ def create_temp(directory: str | Path, name: str) -> tuple[int, Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
+    """`write(f)` fills a temporary file beside `path` (f: a binary file object), which is then
+    flushed, fsynced and renamed over `path`: readers see the old file or the whole new one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +81,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise WriteError(f"cannot write {path}: {write_failure_reason(e)} (the previous version, if any, is intact)") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -119,9 +125,7 @@ def read_json(path: str | Path) -> Any:
 
 
 def torch_save_atomic(path: str | Path, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: torch.save(obj, f))  # straight into the file: no copy in memory
 
 
 TORCH_PICKLE_PROTOCOL = 2  # what torch.save writes, and the only protocol torch's weights_only loader expects

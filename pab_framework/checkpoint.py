@@ -11,6 +11,13 @@ A save writes the new checkpoint to a temporary file (flushed, fsynced), then re
 full disk) before the first rename leaves both old files untouched; a crash between the renames
 leaves `checkpoint.prev.pt`, which `load()` falls back to.
 
+Writing happens in the background (`Writer`): the trainer copies the state to host memory (a
+few tens of milliseconds) and a thread serialises, checksums, writes, fsyncs and renames while
+training goes on, one checkpoint at a time. The trainer waits for the write in flight before it
+starts the next one, before it reports a stop, and before the stage finishes, so a write that
+fails (a full disk) still ends the run with exit code 4 and the previous checkpoint intact; a
+crash while a write is in flight loses at most that checkpoint, as above.
+
 File format: one header line `PABCKPT1 <json>\\n` (format, stage key, sha256 and size of the
 payload), then the payload, a `torch.save` of plain containers and tensors, loaded with
 `weights_only=True` through `artifacts.torch_load_safe`. The checksum catches truncation and bit
@@ -71,6 +78,9 @@ def test_pause(point: str, n: int) -> None:
     want = os.environ.get("PAB_TEST_PAUSE")
     if not want or want != f"{point}:{n}":
         return
+    if threading.current_thread().name != Writer.THREAD:  # a pause in the loop: what was saved is on disk first
+        for w in list(_PENDING):
+            w.wait()
     sys.stderr.write(f"PAB_TEST_PAUSED {point}:{n}\n")
     sys.stderr.flush()
     while True:  # until the test kills us
@@ -103,20 +113,40 @@ def set_rng_state(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- writing
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data) -> None:
     """Write every byte to fd (os.write may write less than asked)."""
     view = memoryview(data)
-    while view:
+    while len(view):
         n = os.write(fd, view)
         view = view[n:]
 
 
-def encode(payload: dict, key: str) -> bytes:
+def encode(payload: dict, key: str) -> memoryview:
+    """The file's bytes: header line and payload (one buffer, no copy of the payload made)."""
     buf = io.BytesIO()
+    buf.write(b"\0" * 4096)  # room for the header, filled in below (it is far shorter)
     torch.save(payload, buf)
-    body = buf.getvalue()
+    view = buf.getbuffer()
+    body = view[4096:]
     header = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
-    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + body
+    line = MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n"
+    start = 4096 - len(line)
+    view[start:4096] = line
+    return view[start:]
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` (nested dicts, lists, tuples) whose tensors are host copies, detached from
+    anything training goes on changing: what a background write may serialise at leisure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot(v) for v in obj)
+    return obj
 
 
 def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> Path:
@@ -168,6 +198,51 @@ def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> P
         raise CheckpointWriteError(f"cannot install checkpoint {cur}: {e.strerror or e}") from None
     artifacts._fsync_dir(d)
     return cur
+
+
+class Writer:
+    """Writes a stage's checkpoints in a background thread, one at a time (module docstring).
+
+    `submit` waits for the write in flight (raising its error, if it failed) and starts the next;
+    `wait` waits for the write in flight and raises its error. The payload must not change while
+    it is written: pass a `snapshot`."""
+
+    THREAD = "pab-checkpoint-writer"
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> Path:
+        self.wait()
+
+        def job():
+            try:
+                save(stage_dir, key, payload, count=count)
+            except BaseException as e:  # handed to the trainer's thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=job, name=self.THREAD, daemon=True)
+        _PENDING.add(self)
+        self._thread.start()
+        return Path(stage_dir) / CURRENT
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def wait(self) -> None:
+        t = self._thread
+        if t is not None:
+            t.join()
+            self._thread = None
+            _PENDING.discard(self)
+        e, self._error = self._error, None
+        if e is not None:
+            raise e
+
+
+_PENDING: set[Writer] = set()
 
 
 # --------------------------------------------------------------------------- reading

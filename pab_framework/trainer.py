@@ -114,6 +114,7 @@ class Trainer:
         self.metrics: list[dict] = []
         self.saves = 0
         self.last_saved = None
+        self._writer = checkpoint.Writer()  # checkpoints are written in the background, one at a time
         self.stop_requested: str | None = None
         self._saved_at = None  # (epoch, step) of the last checkpoint written in this session
         self.elapsed_before = 0.0
@@ -127,6 +128,7 @@ class Trainer:
         on_step_end, before_forward, on_loss = hooks["on_step_end"], hooks["before_forward"], hooks["on_loss"]
         fit_end: dict = {}
         with ExitStack() as stack:
+            stack.callback(self._finish_writes_quietly)  # (the error that ends the stage comes first)
             for f in hooks["setup"]:
                 f(self, stack)
             for epoch in range(self.epoch, self.epochs):
@@ -162,6 +164,7 @@ class Trainer:
                     f(self, figures)
                 if self.stop_requested:
                     self.interrupt(self.stop_requested, save=self._saved_at != (self.epoch, self.step))
+            self._writer.wait()  # the last checkpoint on disk (or its write error raised) before the stage ends
             for f in hooks["on_fit_end"]:
                 fit_end.update(f(self) or {})
         return {**fit_end, **self.result()}
@@ -236,7 +239,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "steps_per_epoch": self.steps_per_epoch,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": dict(self.model.state_dict()),
             "masks": self.masks.to_cpu(),
             "optimizer": self.opt.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -258,11 +261,21 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.saves += 1
-        self.last_saved = checkpoint.save(self.dir, self.stage.key, self._payload(sums), count=self.saves)
+        # a host copy now (tens of milliseconds); serialising and writing go on beside training
+        payload = checkpoint.snapshot(self._payload(sums))
+        self.last_saved = self._writer.submit(self.dir, self.stage.key, payload, count=self.saves)
+
+    def _finish_writes_quietly(self) -> None:
+        """On the way out after an error: let the write in flight finish; its own failure is logged."""
+        try:
+            self._writer.wait()
+        except Exception as e:  # the error already on its way out is the one to report
+            self.reporter.log(f"[yellow]warning[/]: {getattr(e, 'message', None) or e}")
 
     def interrupt(self, signame: str, save: bool = True) -> None:
         if save:
             self.save_checkpoint()
+        self._writer.wait()  # "checkpoint written" must be true when it is said
         where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
         raise checkpoint.Interrupted(  # printed after "stopped: "
             f"{signame} at {where}; checkpoint written to {self.last_saved or self.dir}. "

@@ -125,7 +125,10 @@ def _psg_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str) 
 
 def test_psg_gradients_on_cuda_equal_the_cpus():
     """Low-precision weight gradients (4-bit inputs, 8-bit output gradients, so PSG's effect is
-    large) on CUDA against the CPU at a tolerance far below PSG's own deviation from full precision."""
+    large) on CUDA against the CPU, layer by layer, ten times closer than PSG's own deviation from
+    full precision. (Not closer: the convolutions sum in another order on each device, and a value
+    that lands on the other side of a rounding boundary moves a code by one step; on the CPU alone,
+    scaling the input by 1 + 1e-6 moves layer4.1.conv2's gradient by 2.3e-3 of its norm.)"""
     from pab_framework.modelutil import prunable_parameters
     from plugins.models.resnet_cifar import cifar_resnet18
     from pab_framework.transforms import TransformContext
@@ -142,10 +145,9 @@ def test_psg_gradients_on_cuda_equal_the_cpus():
         full = _psg_grads(dense, x, y, "cpu")
     assert cpu.keys() == cuda.keys() and len(cpu) == 21
     for n in cpu:
-        scale = cpu[n].norm()
-        assert (cuda[n] - cpu[n]).norm() <= 2e-3 * scale, n
-    # the tolerance above is meaningful: PSG's gradients are far from full precision's
-    assert max(float((full[n] - cpu[n]).norm() / full[n].norm()) for n in cpu) > 2e-2
+        psg_effect = float((full[n] - cpu[n]).norm())
+        assert psg_effect > 1e-2 * float(full[n].norm()), n  # PSG changes every layer's gradient...
+        assert float((cuda[n] - cpu[n]).norm()) <= 0.1 * psg_effect, n  # ...and CUDA computes the same change
 
 
 # ------------------------------------------------------------------ whole runs
