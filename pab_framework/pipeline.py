@@ -13,7 +13,6 @@ import torch
 
 from . import artifacts, checkpoint, datacheck, distributed
 from .context import DistInfo, StageContext, Upstream
-from .errors import PabError
 from .graph import stage_keys, topological_order
 from .progress import Reporter
 from .spec import ExperimentSpec

@@ -189,6 +189,38 @@ def test_full_disk_keeps_previous_checkpoint(write_spec, monkeypatch):
     assert [r["epoch"] for r in artifacts.read_jsonl(d / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_background_checkpoint_writes_what_was_snapshot(tmp_path):
+    """Training goes on changing its tensors while a checkpoint is written: the file holds the
+    values at the snapshot, views included."""
+    w = torch.zeros(1000)
+    snap = checkpoint.snapshot({"model": {"w": w}, "views": [w[:10]], "step": 3})
+    writer = checkpoint.Writer()
+    path = writer.submit(tmp_path, "k", snap, count=1)
+    w.add_(1)  # the next steps, while the write may be in flight
+    assert torch.equal(snap["model"]["w"], torch.zeros(1000)) and torch.equal(snap["views"][0], torch.zeros(10))
+    writer.wait()
+    got, where = checkpoint.load(tmp_path, "k")
+    assert where == path and got["step"] == 3
+    assert torch.equal(got["model"]["w"], torch.zeros(1000)) and torch.equal(got["views"][0], torch.zeros(10))
+
+
+def test_background_checkpoint_failure_is_raised_once_by_the_next_wait(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, "k", {"step": 1})
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_write_all", full)
+    writer = checkpoint.Writer()
+    writer.submit(tmp_path, "k", {"step": 2})  # returns at once; the failure comes later
+    with pytest.raises(checkpoint.CheckpointWriteError, match="previous checkpoint is intact"):
+        writer.wait()
+    writer.wait()  # reported once
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path, "k")[0]["step"] == 1
+    assert not list(tmp_path.glob(".checkpoint*.tmp"))
+
+
 def test_failed_artifact_write_is_a_clear_error(tmp_path, monkeypatch):
     from pab_framework.errors import WriteError
 
