@@ -57,9 +57,9 @@ def parts(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
         # a CIFAR-10 epoch (50,000 images, a few seconds on one GPU): a stage's fixed costs (model.pt, a
         # checkpoint per epoch) weigh on it as in real use, not as on a run of a few hundred steps
         "train_cifar": ([py, str(BENCH / "train_throughput.py"), *dev, "--data", "synthetic", "--model", "cifar_resnet18",
-                         "--width", "64", "--batch", "128", "--train-size", "50000", "--reps", "2", "--epochs", "2"], 150),
+                         "--width", "64", "--batch", "128", "--train-size", "50000", "--reps", "2", "--epochs", "2", "--phases"], 150),
         "train_r50": ([py, str(BENCH / "train_throughput.py"), *dev, "--data", "synthetic", "--model", "resnet50", "--batch", "64",
-                       "--image-size", "224", "--classes", "1000", "--train-size", "3200", "--reps", "2", "--epochs", "2"], 150),
+                       "--image-size", "224", "--classes", "1000", "--train-size", "3200", "--reps", "2", "--epochs", "2", "--phases"], 150),
         "prune": ([py, str(BENCH / "prune_speed.py"), *dev, "--iterations", "100", "--resnet50-baseline", "--no-grasp"], 120),
         "tests": ([py, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")], 300),
     }

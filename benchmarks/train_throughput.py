@@ -15,7 +15,7 @@ images/s = training images x epochs / wall time. overhead = bare/pab - 1 (goal <
 --reps alternating repetitions (this machine is shared: the best run is the least disturbed).
 With --nproc N (N > 1) it also runs `pab run --nproc N` and reports the scaling over one process.
 
-    python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu]
+    python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu] [--phases]
     python benchmarks/train_throughput.py --device cuda --data synthetic --model resnet50 --batch 64 --image-size 224 --classes 1000
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def spec_dict(data: dict, out: Path, model: dict, batch: int, epochs: int, devic
     }
 
 
-def bare(spec, epochs: int) -> tuple[float, int]:
+def bare(spec, epochs: int, acc: dict | None = None) -> tuple[float, int]:
     """The same model, optimizer and data in a loop with nothing else; (seconds, training images)."""
     t0 = time.perf_counter()
     device = torch.device(spec.runtime.device)
@@ -103,8 +103,10 @@ def bare(spec, epochs: int) -> tuple[float, int]:
     opt = call.plugin.build(call.params, OptimizerContext(named, masks, epochs, len(train), module_of))
     loss_fn = nn.CrossEntropyLoss()
     n = 0
+    acc = {} if acc is None else acc
     for epoch in range(epochs):
         model.train()
+        t_steps = time.perf_counter()
         for x, y in train:
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
@@ -113,16 +115,50 @@ def bare(spec, epochs: int) -> tuple[float, int]:
             opt.step()
             n += y.numel()
         opt.schedule_epoch(epoch)
+        t_eval = time.perf_counter()
+        acc["steps"] = acc.get("steps", 0.0) + t_eval - t_steps
         model.eval()
         with torch.no_grad():
             correct = sum(int((model(x.to(device)).argmax(1) == y.to(device)).sum()) for x, y in val)  # waits for the device
         assert 0 <= correct <= len(val_ds)
+        acc["evaluate"] = acc.get("evaluate", 0.0) + time.perf_counter() - t_eval
     return time.perf_counter() - t0, n
 
 
 def pab(spec) -> tuple[float, int]:
     (out,) = run_spec(spec, force=True)
     return out.wall_s, len(spec.data.plugin.build(spec.data.params, "train", base_dir=spec.base_dir)) * spec.stages["train"].params.epochs
+
+
+# --phases: where the stage's wall time goes (seconds per run, summed over calls)
+PHASES = (("load_model", "pab_framework.context", "StageContext.load_model"),
+          ("trainer_setup", "pab_framework.trainer", "Trainer.__init__"),
+          ("steps", "pab_framework.trainer", "Trainer._step"),
+          ("evaluate", "pab_framework.trainer", "evaluate"),
+          ("checkpoints", "pab_framework.trainer", "Trainer.save_checkpoint"),
+          ("fit", "pab_framework.trainer", "Trainer.fit"),
+          ("save_model", "pab_framework.context", "StageContext.save_model"))
+
+
+def time_phases(acc: dict) -> None:
+    """Wrap the stage's parts with timers adding into `acc` (for this process's pab runs)."""
+    import importlib
+
+    for label, mod, attr in PHASES:
+        owner = importlib.import_module(mod)
+        *cls, name = attr.split(".")
+        if cls:
+            owner = getattr(owner, cls[0])
+        f = getattr(owner, name)
+
+        def timed(*a, _f=f, _label=label, **k):
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                acc[_label] = acc.get(_label, 0.0) + time.perf_counter() - t
+
+        setattr(owner, name, timed)
 
 
 def main() -> None:
@@ -138,6 +174,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default 128 (64 with --quick)")
     ap.add_argument("--image-size", type=int, default=32, help="H = W of the images (--data synthetic; imagefolder makes 32x32)")
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--phases", action="store_true", help="also print where each pab run's time went (model, set-up, steps, evaluation, checkpoints, model.pt)")
     ap.add_argument("--train-size", type=int, default=None, help="training images (default 2048; 384 with --quick); validation: a quarter")
     a = ap.parse_args()
     width = a.width or (16 if a.quick else 64)
@@ -159,10 +196,17 @@ def main() -> None:
         spec = load_spec(tmp / "spec.yaml")
         bare(spec, 1)  # warm-up: allocator, kernels, file cache, Bop's compilation
         times = {"bare": [], "pab": []}
+        phase_runs: list[dict] = []
+        live: dict = {}
+        if a.phases:
+            time_phases(live)
         for r in range(a.reps):  # ABBA order: a drift in the machine's load hits both alike
             for which in (("bare", "pab") if r % 2 == 0 else ("pab", "bare")):
-                s, n = bare(spec, a.epochs) if which == "bare" else pab(spec)
+                live.clear()
+                s, n = bare(spec, a.epochs, live) if which == "bare" else pab(spec)
                 times[which].append(n / s)
+                if a.phases:
+                    phase_runs.append({"run": which, "wall": s, **live})
         bare_img_s, pab_img_s = max(times["bare"]), max(times["pab"])
         rows = [("bare loop", bare_img_s, times["bare"]), ("pab train stage", pab_img_s, times["pab"])]
         figs = {"model": a.model, "data": a.data, "batch": batch, "image_size": a.image_size if a.data == "synthetic" else 32,
@@ -188,6 +232,14 @@ def main() -> None:
     for name, v, allv in rows:
         print(f"{name:32} {v:16.2f}   {' '.join(f'{x:.2f}' for x in allv)}")
     print(f"overhead bare/pab - 1 = {figs['overhead']:+.2%} (goal <= +5%)" + (f"; scaling with {a.nproc} processes x{figs['scaling']}" if a.nproc > 1 else ""))
+    if a.phases:
+        labels = ["wall"] + [p[0] for p in PHASES]
+        print("seconds by phase, every run (pab: steps, evaluate, checkpoints are inside fit; bare: its training loop"
+              " (batches fetched inside it) and its validation; pab's steps leave batch fetching out)")
+        print("       " + " ".join(f"{k:>13}" for k in labels))
+        for r in phase_runs:
+            print(f"  {r['run']:5}" + " ".join(f"{r[k]:13.3f}" if k in r else f"{'':13}" for k in labels))
+        figs["phases"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in phase_runs]
     print(json.dumps(figs))
 
 
