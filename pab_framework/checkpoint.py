@@ -244,10 +244,6 @@ class Writer:
         self._thread.start()
         return Path(stage_dir) / CURRENT
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None
-
     def wait(self) -> None:
         t = self._thread
         if t is not None:

@@ -123,6 +123,3 @@ class MaskState:
         if ps:
             with torch.no_grad():
                 torch._foreach_mul_(ps, ms)
-
-    def to_cpu(self) -> dict[str, torch.Tensor]:
-        return {k: m.detach().to("cpu", torch.bool) for k, m in self._masks.items()}

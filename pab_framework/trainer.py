@@ -240,7 +240,7 @@ class Trainer:
             "step": self.step,
             "steps_per_epoch": self.steps_per_epoch,
             "model": dict(self.model.state_dict()),
-            "masks": self.masks.to_cpu(),
+            "masks": self.masks.as_dict(),  # (bool already; the snapshot makes the host copy)
             "optimizer": self.opt.state_dict(),
             "rng": checkpoint.rng_state(),
             "metrics": list(self.metrics),
