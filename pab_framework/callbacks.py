@@ -72,7 +72,13 @@ HOOKS = ("setup", "on_epoch_start", "before_forward", "on_loss", "on_step_end", 
 # --------------------------------------------------------------------------- checkpoints
 class Checkpointing(Callback):
     """Resume from the newest good checkpoint at the start; write one every `every_steps` steps
-    within an epoch (optional) and at every epoch's end. Rank 0 writes; every rank takes part."""
+    within an epoch (optional) and at every epoch's end but the last. Rank 0 writes; every rank
+    takes part.
+
+    After the last epoch the stage's model.pt and result.json follow at once and supersede any
+    checkpoint (the pipeline discards it), so none is written there: a crash in that moment
+    resumes from the epoch before, losing no more than a crash anywhere in an epoch does. A stop
+    requested at the last epoch's end still writes one (the Trainer's `interrupt`)."""
 
     def __init__(self, every_steps: int | None = None):
         self.every = every_steps
@@ -85,7 +91,8 @@ class Checkpointing(Callback):
             trainer.save_checkpoint()
 
     def on_epoch_end(self, trainer, figures) -> None:
-        trainer.save_checkpoint()
+        if trainer.epoch < trainer.epochs:
+            trainer.save_checkpoint()
 
 
 # --------------------------------------------------------------------------- non-finite losses

@@ -180,6 +180,40 @@ def run_in_process(spec: Path, **kw) -> str:
     return buf.getvalue()
 
 
+def test_no_checkpoint_after_the_last_epoch_and_a_crash_there_loses_one_epoch(reference, tmp_path, monkeypatch):
+    """model.pt follows the last epoch at once, so no checkpoint is written there; a crash before
+    model.pt is complete resumes from the epoch before and ends as an uninterrupted run."""
+    from pab_framework.context import StageContext
+    from pab_framework.trainer import Trainer
+
+    spec = _fresh(tmp_path)
+    saved = []
+    real_save = Trainer.save_checkpoint
+
+    def save(self):
+        saved.append((self.epoch, self.step))
+        real_save(self)
+
+    def crash(self, *a, **k):
+        if self.stage_id == "train":
+            raise RuntimeError("simulated crash while model.pt is written")
+        return real_model(self, *a, **k)
+
+    real_model = StageContext.save_model
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    monkeypatch.setattr(StageContext, "save_model", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_in_process(spec)
+    # every 4 steps within an epoch, every epoch's end but the last
+    assert saved == [(0, 4), (0, 8), (1, 0), (1, 4), (1, 8), (2, 0), (2, 4), (2, 8)]
+    d = stage_dir(tmp_path, "train")
+    assert not (d / "model.pt").exists() and not (d / "result.json").exists()
+    monkeypatch.setattr(StageContext, "save_model", real_model)
+    log = run_in_process(spec)
+    assert "at epoch 3, step 8/12" in log
+    assert_same_run(reference, tmp_path)
+
+
 def test_sigterm_checkpoints_and_exits_3_then_resumes(tmp_path):
     spec = _fresh(tmp_path)
     proc = subprocess.Popen(_cmd(spec), cwd=ROOT, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

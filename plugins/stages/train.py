@@ -16,7 +16,8 @@ from pab_framework.transforms import TransformContext, apply_all
 class TrainStage:
     """Train for `epochs` with the named optimizer (and model transforms); metrics.jsonl gets one line per epoch.
 
-    Checkpoints every epoch (and every `checkpoint_every_steps` steps); a re-run resumes exactly
+    Checkpoints at every epoch's end but the last (model.pt follows it at once) and every
+    `checkpoint_every_steps` steps; a re-run resumes exactly
     where the last checkpoint left off. SIGTERM/SIGINT write a checkpoint at the next step boundary
     and stop with exit code 3."""
 
@@ -30,7 +31,7 @@ class TrainStage:
         label_smoothing: float = Field(0.0, ge=0, lt=1)
         checkpoint_every_steps: Optional[int] = Field(
             None, ge=1, le=10**9, json_schema_extra={"key": False},
-            description="Also checkpoint every this many steps within an epoch (always at every epoch end); a resume is exact, "
+            description="Also checkpoint every this many steps within an epoch (always at the end of every epoch but the last); a resume is exact, "
             "so this does not change the result.",
         )
         keep_weights: list[int] = Field(
