@@ -19,6 +19,8 @@ A hook a callback does not override costs nothing: the Trainer calls only the ov
 """
 from __future__ import annotations
 
+import math
+
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Sequence
 
@@ -104,10 +106,11 @@ FINITE_CHECK_EVERY_ACCELERATOR = 32
 
 
 class StopOnNonFinite(Callback):
-    """`on_nonfinite: stop`. Remembers, on the device, the first step since the last check whose
-    loss was not finite (and that loss); the check reads it and stops the stage naming the epoch
-    and step. A non-finite step may be followed by a few more before the check, but nothing is
-    written in between: the last good checkpoint is kept."""
+    """`on_nonfinite: stop`. Each step's loss is copied into a slot of a small device buffer (one
+    copy per step, no wait); the check reads whether any since the last check is not finite and
+    stops the stage naming the first one's epoch and step. A non-finite step may be followed by
+    a few more before the check, but nothing is written in between: the last good checkpoint is
+    kept."""
 
     def __init__(self, every: int | None = None):
         self.every = every
@@ -118,17 +121,11 @@ class StopOnNonFinite(Callback):
             self.every = FINITE_CHECK_EVERY.get(dev.type, FINITE_CHECK_EVERY_ACCELERATOR)
         self.every = max(1, self.every)
         self.trainer = trainer
-        self.first = torch.full((), -1, dtype=torch.long, device=dev)  # index into `steps`
-        self.loss = torch.zeros((), dtype=torch.float32, device=dev)
-        self.n = torch.zeros((), dtype=torch.long, device=dev)
-        self.steps: list[tuple[int, int]] = []  # (epoch, step) of the steps since the last check
+        self.losses = torch.zeros(self.every, dtype=torch.float32, device=dev)  # the steps' losses since the last check
+        self.steps: list[tuple[int, int]] = []  # (epoch, step) of those steps
 
     def on_loss(self, trainer, loss) -> bool:
-        loss = loss.detach()
-        new = ~torch.isfinite(loss) & (self.first < 0)
-        self.first = torch.where(new, self.n, self.first)
-        self.loss = torch.where(new, loss.float(), self.loss)
-        self.n += 1
+        self.losses[len(self.steps)].copy_(loss.detach())
         self.steps.append((trainer.epoch, trainer.step))
         if len(self.steps) >= self.every:
             self.check()  # before the step is taken
@@ -143,16 +140,17 @@ class StopOnNonFinite(Callback):
     def check(self) -> None:
         if not self.steps:
             return
-        i = int(self.first)
-        if i >= 0:
+        seen = self.losses[: len(self.steps)]
+        if not bool(torch.isfinite(seen).all()):  # the one wait for the device
+            vals = seen.tolist()
+            i = next(k for k, v in enumerate(vals) if not math.isfinite(v))
             epoch, step = self.steps[i]
             kept = self.trainer.last_saved or "none written yet"
             raise TrainingError(
-                f"stage {self.trainer.stage_id}: the training loss is not finite ({float(self.loss)}) at epoch {epoch + 1}, "
+                f"stage {self.trainer.stage_id}: the training loss is not finite ({vals[i]}) at epoch {epoch + 1}, "
                 f"step {step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, or set on_nonfinite: skip"
             )
         self.steps.clear()
-        self.n.zero_()
 
 
 class SkipNonFinite(Callback):

@@ -189,7 +189,7 @@ class Trainer:
                 opt.step()
             self.masks.remask_(opt.sign_params)
             opt.step_end()
-            self.loss_sum += loss.detach() * y.numel()
+            self.loss_sum.add_(loss.detach(), alpha=y.numel())  # (one op: a multiply-add)
             self.correct += (out.detach().argmax(1) == y).sum()
             self.seen += y.numel()
         self.step += 1

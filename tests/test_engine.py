@@ -243,3 +243,45 @@ def test_a_nonfinite_validation_loss_is_a_missing_figure_not_a_crash(write_spec,
     rows = [json.loads(l) for l in (out["train"].dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in rows] == [None, None] and all(r["val_acc"] > 0 for r in rows)
     assert json.loads((out["train"].dir / "result.json").read_text())["val_loss"] is None
+
+
+def test_the_nonfinite_watch_costs_one_op_per_step_and_reads_the_device_only_at_its_checks():
+    """`on_nonfinite: stop` on an accelerator (checks every few steps): between checks a step
+    dispatches one op (its loss copied into the buffer) and waits for nothing; the check names
+    the first non-finite step since the last one."""
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pab_framework.callbacks import StopOnNonFinite
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket not in (torch.ops.aten.select, torch.ops.aten.slice, torch.ops.aten.detach):  # views
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    trainer = SimpleNamespace(device=torch.device("cpu"), epoch=4, step=0, stage_id="train", last_saved="ck.pt")
+    cb = StopOnNonFinite(every=8)
+    cb.setup(trainer, None)
+    reads = []
+    real = torch.Tensor.__bool__
+    losses = [torch.tensor(1.5), torch.tensor(2.5), torch.tensor(float("inf")), torch.tensor(float("nan"))] + [torch.tensor(1.0)] * 3
+    try:
+        torch.Tensor.__bool__ = lambda t: reads.append(t) or real(t)
+        for i, loss in enumerate(losses):
+            trainer.step = i
+            with Ops() as m:
+                assert cb.on_loss(trainer, loss) is True
+            assert m.ops == ["aten.copy_"], m.ops
+        assert reads == []  # 7 steps, no wait
+        with pytest.raises(TrainingError, match=r"not finite \(inf\) at epoch 5, step 3; the last good checkpoint is kept \(ck.pt\)"):
+            trainer.step = 7
+            cb.on_loss(trainer, torch.tensor(0.5))  # the 8th step: the check
+        assert len(reads) == 1
+    finally:
+        torch.Tensor.__bool__ = real
