@@ -13,6 +13,10 @@ the `synthetic` plugin's in-memory tensors (no disk, no decoding: the framework'
 both loops keep on the device and batch by indexing.
 images/s = training images x epochs / wall time. overhead = bare/pab - 1 (goal <= 0.05). Best of
 --reps alternating repetitions (this machine is shared: the best run is the least disturbed).
+Beside it, the run split in two: seconds per epoch (training and validation: pab's `epoch_s` of
+metrics.jsonl, the bare loop's own) and the fixed seconds around the epochs (building the model
+and the optimizer, moving the data, and for pab checkpoints, model.pt and result.json), so a
+long run's overhead (epoch_overhead) reads apart from a short run's set-up.
 With --nproc N (N > 1) it also runs `pab run --nproc N` and reports the scaling over one process.
 
     python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu] [--phases]
@@ -67,8 +71,9 @@ def spec_dict(data: dict, out: Path, model: dict, batch: int, epochs: int, devic
     }
 
 
-def bare(spec, epochs: int, acc: dict | None = None) -> tuple[float, int]:
-    """The same model, optimizer and data in a loop with nothing else; (seconds, training images)."""
+def bare(spec, epochs: int, acc: dict | None = None, epoch_s: list | None = None) -> tuple[float, int]:
+    """The same model, optimizer and data in a loop with nothing else; (seconds, training images).
+    `epoch_s` gets each epoch's seconds (training and validation)."""
     t0 = time.perf_counter()
     device = torch.device(spec.runtime.device)
     st = spec.stages["train"]
@@ -122,11 +127,15 @@ def bare(spec, epochs: int, acc: dict | None = None) -> tuple[float, int]:
             correct = sum(int((model(x.to(device)).argmax(1) == y.to(device)).sum()) for x, y in val)  # waits for the device
         assert 0 <= correct <= len(val_ds)
         acc["evaluate"] = acc.get("evaluate", 0.0) + time.perf_counter() - t_eval
+        if epoch_s is not None:
+            epoch_s.append(time.perf_counter() - t_steps)
     return time.perf_counter() - t0, n
 
 
-def pab(spec) -> tuple[float, int]:
+def pab(spec, epoch_s: list | None = None) -> tuple[float, int]:
     (out,) = run_spec(spec, force=True)
+    if epoch_s is not None:
+        epoch_s += [json.loads(line)["epoch_s"] for line in (out.dir / "metrics.jsonl").read_text().splitlines()]
     return out.wall_s, len(spec.data.plugin.build(spec.data.params, "train", base_dir=spec.base_dir)) * spec.stages["train"].params.epochs
 
 
@@ -196,6 +205,7 @@ def main() -> None:
         spec = load_spec(tmp / "spec.yaml")
         bare(spec, 1)  # warm-up: allocator, kernels, file cache, Bop's compilation
         times = {"bare": [], "pab": []}
+        split = {"bare": [], "pab": []}  # (seconds per epoch, fixed seconds) of every run
         phase_runs: list[dict] = []
         live: dict = {}
         if a.phases:
@@ -203,8 +213,10 @@ def main() -> None:
         for r in range(a.reps):  # ABBA order: a drift in the machine's load hits both alike
             for which in (("bare", "pab") if r % 2 == 0 else ("pab", "bare")):
                 live.clear()
-                s, n = bare(spec, a.epochs, live) if which == "bare" else pab(spec)
+                ep: list = []
+                s, n = bare(spec, a.epochs, live, ep) if which == "bare" else pab(spec, ep)
                 times[which].append(n / s)
+                split[which].append((sum(ep) / len(ep), s - sum(ep)))
                 if a.phases:
                     phase_runs.append({"run": which, "wall": s, **live})
         bare_img_s, pab_img_s = max(times["bare"]), max(times["pab"])
@@ -212,6 +224,9 @@ def main() -> None:
         figs = {"model": a.model, "data": a.data, "batch": batch, "image_size": a.image_size if a.data == "synthetic" else 32,
                 "device": a.device, "bare_img_s": round(bare_img_s, 2), "pab_img_s": round(pab_img_s, 2),
                 "overhead": round(bare_img_s / pab_img_s - 1, 4)}
+        (b_ep, b_fix), (p_ep, p_fix) = (min(split[k]) for k in ("bare", "pab"))  # the fastest epochs of either
+        figs.update({"bare_epoch_s": round(b_ep, 4), "pab_epoch_s": round(p_ep, 4), "epoch_overhead": round(p_ep / b_ep - 1, 4),
+                     "bare_fixed_s": round(min(f for _, f in split["bare"]), 3), "pab_fixed_s": round(min(f for _, f in split["pab"]), 3)})
         if a.nproc > 1:
             env = dict(os.environ)
             env.pop("WORLD_SIZE", None)
@@ -232,6 +247,9 @@ def main() -> None:
     for name, v, allv in rows:
         print(f"{name:32} {v:16.2f}   {' '.join(f'{x:.2f}' for x in allv)}")
     print(f"overhead bare/pab - 1 = {figs['overhead']:+.2%} (goal <= +5%)" + (f"; scaling with {a.nproc} processes x{figs['scaling']}" if a.nproc > 1 else ""))
+    print(f"split: an epoch (training + validation) takes {figs['bare_epoch_s']:.3f} s bare, {figs['pab_epoch_s']:.3f} s in pab "
+          f"({figs['epoch_overhead']:+.2%}); fixed seconds per run around the epochs: bare {figs['bare_fixed_s']:.3f}, "
+          f"pab {figs['pab_fixed_s']:.3f} (best of each)")
     if a.phases:
         labels = ["wall"] + [p[0] for p in PHASES]
         print("seconds by phase, every run (pab: steps, evaluate, checkpoints are inside fit; bare: its training loop"
