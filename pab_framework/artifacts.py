@@ -219,38 +219,60 @@ class StageRecord:
         return "interrupted" if self.checkpoint else "incomplete"
 
 
-def read_stage_record(d: str | Path) -> StageRecord | None:
-    """The stage in directory `d` (its spec.yaml, result.json and checkpoint), or None when `d`
-    holds no stage spec. A spec.yaml or result.json that cannot be read is an ArtifactError."""
+def read_stage_doc(d: str | Path) -> dict | None:
+    """The stage spec.yaml of directory `d` (keys `stage`, `key`, `spec`), or None when `d` holds
+    none (no spec.yaml, or some other file of that name). A spec.yaml that cannot be read is an
+    ArtifactError."""
     import yaml
 
-    from .checkpoint import NAMES as CHECKPOINTS
-
-    d = Path(d)
-    path = d / SPEC
+    path = Path(d) / SPEC
     if not path.is_file():
         return None
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ArtifactError(f"{path}: cannot read the stage's spec ({e})") from None
-    spec = doc.get("spec") if isinstance(doc, dict) else None
-    if not isinstance(spec, dict) or not isinstance(doc.get("stage"), str):
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict) or not isinstance(doc.get("stage"), str):
         return None  # some other spec.yaml: not a stage directory
+    return doc
+
+
+def read_stage_record(d: str | Path) -> StageRecord | None:
+    """The stage in directory `d` (its spec.yaml, result.json and checkpoint), or None when `d`
+    holds no stage spec. A spec.yaml or result.json that cannot be read is an ArtifactError."""
+    from .checkpoint import NAMES as CHECKPOINTS
+
+    d = Path(d)
+    doc = read_stage_doc(d)
+    if doc is None:
+        return None
+    spec = doc["spec"]
     stage = (spec.get("stages") or {}).get(doc["stage"]) or {}
     result = read_json(d / RESULT) if is_complete(d) else None
     return StageRecord(d, doc["stage"], str(stage.get("kind", "?")), str(spec.get("name", d.parent.name)),
                        result if isinstance(result, dict) else None, any((d / n).is_file() for n in CHECKPOINTS))
 
 
+def stage_dirs(root: str | Path, *, levels: int = 1) -> list[Path]:
+    """The stage directories (with a spec.yaml) at `root`, in the order they were started: `root`
+    itself when it is one; else its subfolders that are (an experiment directory); with
+    `levels=2`, when it has none, its subfolders' subfolders (an output directory of experiments)."""
+    root = Path(root)
+    if (root / SPEC).is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    found: list[Path] = []
+    parents = [root]
+    for _ in range(levels):
+        found = [d for p in parents for d in p.iterdir() if d.is_dir() and (d / SPEC).is_file()]
+        if found:
+            break
+        parents = [d for p in parents for d in p.iterdir() if d.is_dir()]
+    return sorted(found, key=lambda d: ((d / SPEC).stat().st_mtime, str(d)))
+
+
 def experiment_stages(root: str | Path) -> list[StageRecord]:
     """The stages of an experiment directory (`<output_dir>/<name>/`: one folder per stage and
     key), in the order they were started; just `root` when it is itself a stage directory."""
-    root = Path(root)
-    one = read_stage_record(root)
-    if one is not None:
-        return [one]
-    if not root.is_dir():
-        return []
-    dirs = sorted((d for d in root.iterdir() if d.is_dir() and (d / SPEC).is_file()), key=lambda d: ((d / SPEC).stat().st_mtime, d.name))
-    return [r for r in map(read_stage_record, dirs) if r is not None]
+    return [r for r in map(read_stage_record, stage_dirs(root)) if r is not None]

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from . import artifacts
 from .errors import ArtifactError, PabError
@@ -136,28 +135,15 @@ def _slug(s: str) -> str:
 
 
 # --------------------------------------------------------------------------- reading runs
-def is_stage_dir(d: Path) -> bool:
-    return (d / artifacts.SPEC).is_file() and ((d / artifacts.RESULT).is_file() or (d / artifacts.METRICS).is_file() or (d / artifacts.MODEL).is_file())
-
-
-def find_stage_dirs(root: Path) -> list[Path]:
-    """The stage directories at root, below it (an experiment) or two below (an output dir)."""
-    if is_stage_dir(root):
-        return [root]
-    found = sorted(d for d in root.iterdir() if d.is_dir() and is_stage_dir(d))
-    if not found:
-        found = sorted(d for sub in root.iterdir() if sub.is_dir() for d in sub.iterdir() if d.is_dir() and is_stage_dir(d))
-    return found
+def has_outputs(d: Path) -> bool:
+    """A stage directory with something to report (its result, metrics or model)."""
+    return any((d / f).is_file() for f in (artifacts.RESULT, artifacts.METRICS, artifacts.MODEL))
 
 
 def read_stage_spec(d: Path) -> dict:
-    path = d / artifacts.SPEC
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ArtifactError(f"{path}: cannot read the stage's spec ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict) or "stage" not in doc:
-        raise ArtifactError(f"{path}: not a pab stage spec (expected keys 'stage', 'key' and 'spec')")
+    doc = artifacts.read_stage_doc(d)
+    if doc is None:
+        raise ArtifactError(f"{d / artifacts.SPEC}: not a pab stage spec (expected keys 'stage', 'key' and 'spec')")
     return doc
 
 
@@ -550,11 +536,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
     if any((root / g).is_file() for g in GRID_FILES):
         sections.append(grid_section(root))
     else:
-        stage_dirs = find_stage_dirs(root)
+        stage_dirs = [d for d in artifacts.stage_dirs(root, levels=2) if has_outputs(d)]  # in the order they ran
         if not stage_dirs:
             raise PabError(f"{root}: no stage directories (with spec.yaml and result.json) and no grid results ({', '.join(GRID_FILES)}) here")
-        # the order the stages ran in
-        sections += [stage_section(d) for d in sorted(stage_dirs, key=lambda d: ((d / artifacts.SPEC).stat().st_mtime, d.name))]
+        sections += [stage_section(d) for d in stage_dirs]
     out = Path(out_dir) if out_dir is not None else root
     out.mkdir(parents=True, exist_ok=True)
     pngs = []

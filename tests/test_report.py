@@ -7,7 +7,6 @@ import math
 import shutil
 import struct
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -143,6 +142,25 @@ def test_report_of_a_run(tiny_run):
     assert num(cost["weights, float32 (dense) (bytes)"]) == 4 * params
     assert num(cost["weights, 1-bit mask + 1-bit sign per prunable weight (bytes)"]) == math.ceil(2 * pres["total"] / 8 + 4 * other)
     assert num(cost["weights, mask bitmap + 1 sign bit per kept weight (bytes)"]) == math.ceil((pres["total"] + pres["kept"]) / 8 + 4 * other)
+
+
+def test_report_of_an_output_directory_and_of_one_stage(tiny_run, tmp_path):
+    """The output directory (two levels above the stages) and a single stage directory are
+    reports too: the stages in the order they ran (prune, then train), or just the one."""
+    from pab_framework import artifacts
+
+    prune_dir, train_dir = tiny_run["prune"], tiny_run["train"]
+    outdir = prune_dir.parent.parent
+    assert artifacts.stage_dirs(outdir) == []  # experiments, not stages, one level down
+    assert artifacts.stage_dirs(outdir, levels=2) == [prune_dir, train_dir]
+    r = run_report([outdir, "--out", tmp_path / "all"])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "all" / "report.html").read_text()
+    assert page.index(prune_dir.name) < page.index(train_dir.name)
+    r = run_report([train_dir, "--out", tmp_path / "one"])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "one" / "report.html").read_text()
+    assert train_dir.name in page and prune_dir.name not in page
 
 
 def test_report_draws_whatever_series_a_run_recorded(tiny_run, tmp_path):
