@@ -425,7 +425,37 @@ def _print_results(res: dict, where: Path) -> None:
 
 
 def main() -> None:
-    app()
+    if "WORLD_SIZE" not in os.environ:  # (distributed.under_launcher(), without importing torch first)
+        app()
+        return
+    # one rank of a DDP job: once its error is reported, it ends at once. Left to the interpreter's
+    # shutdown, the process group's threads may still be talking to a peer that is gone, and the
+    # C++ runtime aborts the process (exit 134) instead of letting it exit with its own code
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code == 0:
+            raise
+        _exit_now(code)
+    except BaseException:  # a bug: its traceback, as Python would print it
+        traceback.print_exc()
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    loggers = sys.modules.get("pab_framework.loggers")
+    if loggers is not None:  # what atexit would have done: the loggers' files closed
+        try:
+            loggers.close_loggers()
+        except Exception:  # pragma: no cover - the error being reported matters more
+            pass
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # pragma: no cover - a closed pipe
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -181,11 +181,19 @@ def session(runtime, dist: DistInfo | None = None) -> Iterator[DistInfo]:
         # small agreements (stop votes, objects) go over gloo on the CPU, beside NCCL's device traffic
         dist.control = td.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
         yield dist
-    finally:
-        try:
-            td.destroy_process_group()
-        except Exception:  # pragma: no cover - a peer already gone
-            pass
+    except BaseException:
+        if under_launcher():  # the process ends as soon as the error is reported (cli.main): tearing the
+            raise  # group down now, with a peer gone or mid-collective, can hang or abort the process
+        _destroy(td)
+        raise
+    _destroy(td)
+
+
+def _destroy(td) -> None:
+    try:
+        td.destroy_process_group()
+    except Exception:  # pragma: no cover - a peer already gone
+        pass
 
 
 class StopVote:
