@@ -14,8 +14,10 @@ recorded (its status and the tail of its output) and the suite goes on:
   tests         pytest tests/test_cuda.py
 
 Prints a table, then as its very last line one JSON object gathering every part's figures (each
-benchmark's own last line), statuses and times. `--quick` makes every part small, to prove the
-plumbing on a CPU (`--device cpu --quick`); its figures mean nothing.
+benchmark's own last line), statuses and times. A part named twice in `--parts` runs twice (the
+second run's record is `<part>#2`): two runs of a figure from one call, as a goal needs. `--quick`
+makes every part small, to prove the plumbing on a CPU (`--device cpu --quick`); its figures
+mean nothing.
 
     python benchmarks/gpu_suite.py [--device cuda] [--quick] [--budget 540] [--parts bop_step,tests] [--json out.json] [--logs DIR]
 """
@@ -107,9 +109,9 @@ def run_part(name: str, cmd: list[str], limit: float, env: dict, logs: Path | No
     wall = time.perf_counter() - t
     if logs is not None:  # the part's whole output, for reading a failure afterwards
         logs.mkdir(parents=True, exist_ok=True)
-        (logs / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{out}\n--- stderr ---\n{err}")
+        (logs / f"{name.replace('#', '-')}.log").write_text(f"$ {' '.join(cmd)}\n{out}\n--- stderr ---\n{err}")
     rec: dict = {"wall_s": round(wall, 1), "limit_s": round(limit)}
-    if name == "tests":
+    if name.split("#")[0] == "tests":
         figs = test_figures(out)
         ok = rc == 0 or (rc == 5 and not figs["failed"])  # 5: nothing collected
         rec["figures"] = figs
@@ -126,12 +128,13 @@ def run_part(name: str, cmd: list[str], limit: float, env: dict, logs: Path | No
 
 
 def summary(name: str, rec: dict) -> str:
+    name = name.split("#")[0]
     f = rec.get("figures") or {}
     if name == "tests":
         return f"{f.get('passed', 0)} passed, {len(f.get('failed', []))} failed, {f.get('skipped', 0)} skipped" + \
             (f" ({', '.join(f['failed'][:4])})" if f.get("failed") else "")
-    keys = {"bop_step": None, "psg_step": None, "train_cifar": ("bare_img_s", "pab_img_s", "overhead"),
-            "train_r50": ("bare_img_s", "pab_img_s", "overhead"),
+    train = ("bare_img_s", "pab_img_s", "overhead", "epoch_overhead", "bare_fixed_s", "pab_fixed_s")
+    keys = {"bop_step": None, "psg_step": None, "train_cifar": train, "train_r50": train,
             "prune": ("baseline_s", "ours_s", "speedup", "masks_equal", "resnet50_baseline_s", "resnet50_s", "resnet50_speedup", "resnet50_masks_equal")}[name]
     items = [(k, v) for k, v in f.items() if (keys is None or k in keys) and not isinstance(v, (dict, list))]
     return ", ".join(f"{k} {v}" for k, v in items[:8])
@@ -156,7 +159,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="every part tiny: proves the plumbing (e.g. on a CPU); the figures mean nothing")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite; a part gets at most what is left")
-    ap.add_argument("--parts", default=None, help="comma-separated parts, run in the order given, from: " + ", ".join(parts("cuda", False)))
+    ap.add_argument("--parts", default=None, help="comma-separated parts, run in the order given (a part named twice runs twice), from: "
+                    + ", ".join(parts("cuda", False)))
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON object to this file")
     ap.add_argument("--logs", type=Path, default=None, help="write each part's whole output to DIR/<part>.log")
     a = ap.parse_args()
@@ -166,7 +170,11 @@ def main() -> None:
         unknown = [p for p in want if p not in plan]
         if unknown:
             ap.error(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(plan)}")
-        plan = {k: plan[k] for k in dict.fromkeys(want)}  # in the order given: put first what matters most
+        runs: dict = {}
+        for k in want:  # in the order given: put first what matters most; a repeated part is a second run
+            n = sum(1 for r in runs if r.split("#")[0] == k)
+            runs[k if n == 0 else f"{k}#{n + 1}"] = plan[k]
+        plan = runs
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     env.setdefault("CI", "1")  # plain progress lines
