@@ -258,7 +258,7 @@ def stage_dirs(root: str | Path, *, levels: int = 1) -> list[Path]:
     itself when it is one; else its subfolders that are (an experiment directory); with
     `levels=2`, when it has none, its subfolders' subfolders (an output directory of experiments)."""
     root = Path(root)
-    if (root / SPEC).is_file():
+    if read_stage_doc(root) is not None:  # (a spec.yaml of some other kind: look below)
         return [root]
     if not root.is_dir():
         return []
