@@ -20,7 +20,6 @@ A hook a callback does not override costs nothing: the Trainer calls only the ov
 from __future__ import annotations
 
 import math
-
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Sequence
 

@@ -101,14 +101,21 @@ class MetricsSink:
 
         def done(v):
             v = values[v.i] if isinstance(v, _Pending) else v
-            if isinstance(v, bool):
-                return int(v)
-            if isinstance(v, float) and not math.isfinite(v):
-                return None  # JSON has no NaN: a missing figure
-            return v
+            return int(v) if isinstance(v, bool) else missing_if_nonfinite(v)
 
         return EpochFigures({k: done(v) for k, v in scalars.items()},
                             {t: {layer: {k: done(v) for k, v in cols.items()} for layer, cols in rows.items()} for t, rows in tables.items()})
+
+
+def missing_if_nonfinite(v):
+    """A figure as JSON can hold it: a float that is not finite (a diverged loss) becomes None, a
+    missing figure (JSON has no NaN); anything else is itself."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def finite_figures(row: dict) -> dict:
+    """`row` with every non-finite float a missing figure (`missing_if_nonfinite`)."""
+    return {k: missing_if_nonfinite(v) for k, v in row.items()}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 reused when already complete."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import torch
 from . import artifacts, checkpoint, datacheck, distributed
 from .context import DistInfo, StageContext, Upstream
 from .graph import stage_keys, topological_order
+from .metrics import finite_figures
 from .progress import Reporter
 from .spec import ExperimentSpec
 from .yamlio import dump_yaml
@@ -124,7 +124,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
             ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
             t0 = time.perf_counter()
             # a figure that is not finite (a diverged validation loss) is missing, not a failed write
-            result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dict(st.plugin.run(ctx)).items()}
+            result = finite_figures(dict(st.plugin.run(ctx)))
             wall = time.perf_counter() - t0
             result.setdefault("wall_s", round(wall, 3))
             # every session's time: this one's and that of the interrupted ones the stage resumed from

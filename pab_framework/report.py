@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from . import artifacts
 from .errors import ArtifactError, PabError
 from .metrics import table_files

@@ -14,7 +14,6 @@ non-finite flag is read every few steps on accelerators, figures are read once p
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
@@ -27,7 +26,7 @@ from . import checkpoint
 from .callbacks import HOOKS, Callback, standard
 from .errors import ArtifactError
 from .masks import MaskState
-from .metrics import MetricsSink
+from .metrics import MetricsSink, finite_figures
 from .optim import OptimizerContext, TrainOptimizer
 
 # the columns of metrics.jsonl the Trainer writes itself; plugins record under other names
@@ -158,7 +157,7 @@ class Trainer:
                 row.update(figures.scalars)
                 row["epoch_s"] = round(time.perf_counter() - t0, 3)
                 # a validation loss that overflowed is a missing figure (JSON has no NaN), not a crash
-                self.metrics.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+                self.metrics.append(finite_figures(row))
                 self._next_epoch()
                 for f in hooks["on_epoch_end"]:
                     f(self, figures)
