@@ -4,9 +4,11 @@ In one process, on --device: (a) a straightforward implementation written here t
 PaB code prunes (the whole model in float64; every iteration: take abs of every state-dict tensor,
 score, restore the signs, a global `kthvalue` over all scores, masks by `score <= threshold`), over
 the pool the original prunes: on the CIFAR ResNet-18 the convolutions only (its classifier is a
-plain nn.Linear, neither pruned nor scored), on the ImageNet ResNet-50 the convolutions and fc; and
+plain nn.Linear, neither pruned nor scored), on the ImageNet ResNet-50 conv1, the bottleneck
+convolutions and fc (its shortcut convolutions are plain nn.Conv2d, outside the pool); and
 (b) ours, `pab_framework.masking.prune` with the `synflow` plugin and the recipes' settings
-(configs/cifar10_r18_pab.yaml: `classifier_density: 1.0`; configs/imagenet_r50.yaml: fc pruned).
+(configs/cifar10_r18_pab.yaml: `classifier_density: 1.0`; configs/imagenet_r50.yaml: fc pruned,
+`exclude: ["*.downsample.*"]`).
 Prints both times, the ratio, and whether the masks agree (`masks_equal`), for cifar_resnet18,
 then ResNet-50 at 224x224 (ours only, or against the original-style loop with --resnet50-baseline),
 then GraSP's peak memory on ResNet-50 (CPU only: 1 and 3 batches of --grasp-batch images, each
@@ -38,11 +40,17 @@ from plugins.pruners.basic import SynFlow  # noqa: E402
 from plugins.pruners.saliency import GraSP  # noqa: E402
 
 
-def original_pool(model: nn.Module, num_classes: int, classifier: bool) -> list[str]:
-    """The weights the original code masks: every Conv2d, and the classifier only where the
-    original builds it as a masked layer (its ImageNet ResNet-50, not its CIFAR ResNet-18)."""
+# The convolutions the original's ImageNet ResNet-50 builds unmasked: its shortcut (downsample) convolutions.
+R50_EXCLUDE = ("*.downsample.*",)
+
+
+def original_pool(model: nn.Module, num_classes: int, classifier: bool, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The weights the original code masks: every Conv2d but those it builds unmasked (`exclude`:
+    its ImageNet ResNet-50's shortcut convolutions), and the classifier only where the original
+    builds it as a masked layer (its ImageNet ResNet-50, not its CIFAR ResNet-18)."""
     cls = classifier_name(model, num_classes)
-    return [n for n in prunable_parameters(model) if classifier or n != cls]
+    out = set(n for hit in masking.excluded_names(list(prunable_parameters(model)), exclude).values() for n in hit)
+    return [n for n in prunable_parameters(model) if (classifier or n != cls) and n not in out]
 
 
 def _sync(device: torch.device) -> None:
@@ -87,25 +95,26 @@ def baseline_synflow(model: nn.Module, input_shape, density: float, iterations: 
 
 
 def ours(model: nn.Module, input_shape, density: float, iterations: int, pruner=None, pparams=None, batches=(),
-         classifier_density=None, num_classes: int = 10, device: torch.device = torch.device("cpu")) -> dict:
+         classifier_density=None, num_classes: int = 10, device: torch.device = torch.device("cpu"), exclude=()) -> dict:
     call = masking.MaskPolicy(density=density, iterations=iterations, schedule="exponential", scope="global",
-                              classifier_density=classifier_density)
+                              classifier_density=classifier_density, exclude=tuple(exclude))
     inputs = masking.PruneInputs(input_shape=tuple(input_shape), num_classes=num_classes, batches=list(batches), device=device)
     pruner = pruner or SynFlow()
     return masking.prune(model, pruner, pparams or pruner.Params(), call, inputs)
 
 
 def compare(model: nn.Module, shape, density: float, iters: int, num_classes: int, prune_classifier: bool,
-            device: torch.device) -> dict:
+            device: torch.device, exclude: tuple[str, ...] = ()) -> dict:
     """Both loops on `model`, the original's pool and the recipe's settings; times, ratio, mask agreement."""
-    pool = original_pool(model, num_classes, prune_classifier)
+    pool = original_pool(model, num_classes, prune_classifier, exclude)
     _sync(device)
     t = time.perf_counter()
     base = baseline_synflow(model, shape, density, iters, pool, device)
     _sync(device)
     baseline_s = time.perf_counter() - t
     t = time.perf_counter()
-    got = ours(model, shape, density, iters, classifier_density=None if prune_classifier else 1.0, num_classes=num_classes, device=device)
+    got = ours(model, shape, density, iters, classifier_density=None if prune_classifier else 1.0, num_classes=num_classes, device=device,
+               exclude=exclude)
     ours_s = time.perf_counter() - t
     # outside the original's pool a weight is never pruned: compare over every prunable weight
     base = {n: base.get(n, torch.ones_like(got[n])) for n in got}
@@ -158,11 +167,11 @@ def main() -> None:
     initialise(r50, "kaiming_normal", "conv")
     r50_iters = 5 if a.quick else iters
     if a.resnet50_baseline:
-        r50_cmp = compare(r50, (3, 224, 224), 0.5, r50_iters, 1000, True, device)
+        r50_cmp = compare(r50, (3, 224, 224), 0.5, r50_iters, 1000, True, device, R50_EXCLUDE)
         resnet50_s = r50_cmp["ours_s"]
     else:
         t = time.perf_counter()
-        ours(r50, (3, 224, 224), 0.5, r50_iters, num_classes=1000, device=device)
+        ours(r50, (3, 224, 224), 0.5, r50_iters, num_classes=1000, device=device, exclude=R50_EXCLUDE)
         resnet50_s = time.perf_counter() - t
 
     where = f"{device.type.upper()}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})")
@@ -175,7 +184,7 @@ def main() -> None:
             "speedup": round(cifar["baseline_s"] / cifar["ours_s"], 3), "masks_equal": cifar["equal"], "masks_differ": cifar["differ"],
             "resnet50_iterations": r50_iters, "resnet50_s": round(resnet50_s, 3)}
     if a.resnet50_baseline:
-        print(f"ResNet-50 224x224, {r50_iters} iterations, density 0.5; the original's pool (convolutions and fc)")
+        print(f"ResNet-50 224x224, {r50_iters} iterations, density 0.5; the original's pool (conv1, bottleneck convolutions and fc; shortcuts dense)")
         print(f"  original-style loop  {r50_cmp['baseline_s']:8.2f} s")
         print(f"  ours                 {r50_cmp['ours_s']:8.2f} s   speedup {r50_cmp['baseline_s'] / r50_cmp['ours_s']:.2f}x")
         print(f"  masks equal: {r50_cmp['equal']} ({r50_cmp['differ']} entries differ)")

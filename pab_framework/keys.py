@@ -7,7 +7,9 @@ and hashes the lot. A stage kind without `key()` depends on everything (`view.de
 A parameter whose value cannot change a result (how often to checkpoint; two implementations
 that compute bitwise alike; a documented no-op kept for fidelity) is marked where it is declared,
 `Field(..., json_schema_extra={"key": False})`, and left out of every key: changing it reuses
-what was computed.
+what was computed. An option added after results exist is marked `{"key": "if_set"}`: it enters
+the key only when set to something other than its default, so the stages computed before it
+existed keep their keys.
 """
 from __future__ import annotations
 
@@ -22,9 +24,17 @@ from .spec import ExperimentSpec, PluginCall
 ARTIFACT_FORMAT = 2
 
 
-def in_key(field) -> bool:
+def in_key(field, value: Any = None) -> bool:
+    """Whether a field's value belongs in keys: not when it is marked `"key": False`, nor while
+    it holds its default when marked `"key": "if_set"` (an option added later: the results
+    computed before it existed are the ones its default gives, and stay reused)."""
     extra = field.json_schema_extra
-    return not (isinstance(extra, dict) and extra.get("key") is False)
+    mark = extra.get("key") if isinstance(extra, dict) else None
+    if mark is False:
+        return False
+    if mark == "if_set":
+        return value != field.get_default(call_default_factory=True)
+    return True
 
 
 def key_dump(obj: Any) -> Any:
@@ -32,7 +42,7 @@ def key_dump(obj: Any) -> Any:
     if isinstance(obj, PluginCall):
         out: dict[str, Any] = {"name": obj.name}
         for fname, f in type(obj).model_fields.items():
-            if fname != "name" and in_key(f):
+            if fname != "name" and in_key(f, getattr(obj, fname)):
                 out[fname] = key_dump(getattr(obj, fname))
         params = obj._params
         if params is not None:
@@ -41,7 +51,7 @@ def key_dump(obj: Any) -> Any:
             out.update(to_jsonable_python(obj.plugin_keys()))
         return out
     if isinstance(obj, BaseModel):
-        return {fname: key_dump(getattr(obj, fname)) for fname, f in type(obj).model_fields.items() if in_key(f)}
+        return {fname: key_dump(getattr(obj, fname)) for fname, f in type(obj).model_fields.items() if in_key(f, getattr(obj, fname))}
     if isinstance(obj, dict):
         return {str(k): key_dump(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

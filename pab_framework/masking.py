@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,7 +41,8 @@ class MaskPolicy:
     """How scores become masks: the kept fraction `density`, reached over `iterations` rounds
     along `schedule`, with one threshold over all layers (`scope: global`) or one per layer
     (`local`); the classifier's own `classifier_density`; which tensors are prunable besides the
-    Conv2d/Linear weights (`prune_bias`, `prune_batchnorm`). A spec's pruner section gives one
+    Conv2d/Linear weights (`prune_bias`, `prune_batchnorm`); which stay dense and outside the pool
+    (`exclude`: parameter-name patterns, fnmatch style). A spec's pruner section gives one
     (`PrunerCall.mask_policy()`)."""
 
     density: float
@@ -50,6 +52,7 @@ class MaskPolicy:
     classifier_density: float | None = None
     prune_bias: bool = False
     prune_batchnorm: bool = False
+    exclude: tuple[str, ...] = ()  # parameter-name patterns kept dense and out of the pool
 
 
 def density_at(k: int, iterations: int, density: float, schedule: str) -> float:
@@ -195,6 +198,80 @@ class _Layout:
             i += b - a
 
 
+@dataclass
+class _Pool:
+    """Which prunable weights compete for the threshold and which stay outside it."""
+
+    params: dict[str, torch.Tensor]  # scored and pruned: the pool
+    order: list[str]  # every prunable weight, in module order
+    whole: dict[str, torch.Tensor]  # outside the pool (excluded, or a classifier kept whole): the masks they keep
+    classifier: str | None  # in the pool, on its own density schedule (`classifier_density` < 1)
+
+
+def excluded_names(names: list[str], patterns: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+    """The parameter names each `exclude` pattern matches (fnmatch: `*` spans dots), by pattern."""
+    return {pat: [n for n in names if fnmatch.fnmatchcase(n, pat)] for pat in patterns}
+
+
+def _pool(work: nn.Module, call: MaskPolicy, num_classes: int, masks: dict[str, torch.Tensor] | None) -> _Pool:
+    params = prunable_parameters(work, bias=call.prune_bias, batchnorm=call.prune_batchnorm)
+    if len({id(p) for p in params.values()}) != len(params):
+        raise PabError("the model shares one weight tensor between prunable layers; pruning needs each layer's own weights")
+    order = list(params)
+    matched = excluded_names(order, call.exclude)
+    unmatched = [pat for pat, names in matched.items() if not names]
+    if unmatched:
+        raise PabError(f"exclude: {', '.join(repr(p) for p in unmatched)} matches no prunable parameter of the model")
+    outside = {n for names in matched.values() for n in names}
+    cls = classifier_name(work, num_classes) if call.classifier_density is not None else None
+    if call.classifier_density is not None and cls not in params:
+        raise PabError(f"classifier_density: the model has no prunable Linear layer with {num_classes} outputs to treat as the classifier")
+    if cls is not None and (cls in outside or call.classifier_density >= 1.0):
+        # a classifier kept whole leaves the pool altogether, like the original CIFAR code's plain
+        # nn.Linear (and an excluded layer, like its ImageNet ResNet-50's plain shortcut convolutions):
+        # not scored, so it neither competes for a threshold nor enters a pruner's sums over the pool
+        # (GraSP's H g, SNIP's normaliser)
+        outside.add(cls)
+        cls = None
+    whole = {}
+    for n in (n for n in order if n in outside):  # each keeps the mask it came with
+        p = params.pop(n)
+        whole[n] = masks[n].to("cpu", torch.bool, copy=True) if masks and n in masks else torch.ones(p.shape, dtype=torch.bool)
+        with torch.no_grad():
+            p.mul_(whole[n].to(p.device, p.dtype))
+    return _Pool(params, order, whole, cls)
+
+
+def _linearize_(work: nn.Module) -> None:
+    """SynFlow scores the network with every parameter and buffer replaced by its absolute value:
+    done once here (the original did it, and undid it, every iteration)."""
+    with torch.no_grad():
+        for t in {id(t): t for t in work.state_dict(keep_vars=True).values() if t.is_floating_point()}.values():
+            t.abs_()
+
+
+def _collect_scores(pruner: Any, got: dict[str, torch.Tensor], scores_out: dict[str, torch.Tensor], names) -> None:
+    """A pruner's scores into the framework's flat score vector (a pruner may have written them there itself)."""
+    missing = set(names) - set(got)
+    if missing:
+        raise PabError(f"pruner {getattr(pruner, 'name', type(pruner).__name__)} returned no score for {sorted(missing)[:3]}")
+    for n, v in scores_out.items():
+        s = got[n].detach()
+        if s.data_ptr() != v.data_ptr():
+            v.copy_(s.reshape(v.shape))
+
+
+def _select(lay: _Layout, scores: torch.Tensor, keep: torch.Tensor, chosen: list[tuple[list[str], float]]) -> torch.Tensor:
+    """The new keep mask: each group keeps its density by score among those `keep` still keeps
+    (pruned weights never come back)."""
+    if len(chosen) == 1:  # one group, every layer: its mask is the new mask
+        return lay.select(scores, keep, *chosen[0])
+    new = torch.empty_like(keep)
+    for g, dd in chosen:
+        lay.put(new, g, lay.select(scores, keep, g, dd))
+    return new
+
+
 def prune(
     model: nn.Module,
     pruner: Any,
@@ -209,56 +286,36 @@ def prune(
     Scoring runs on a float64 copy of the model (as the original code, to avoid overflow in
     SynFlow), in eval mode unless `inputs.train_mode`, with the current masks applied to its
     weights; `model` is untouched. The prunable parameters are the Conv2d/Linear weights, plus
-    biases and BatchNorm weights when `call.prune_bias` / `call.prune_batchnorm`. With
-    `call.classifier_density`, the classifier layer follows its own density schedule and the
-    others share the rest; at 1.0 it is neither pruned nor scored (outside the pool). Pruned
+    biases and BatchNorm weights when `call.prune_bias` / `call.prune_batchnorm`; those matching
+    `call.exclude`, and a classifier whose `classifier_density` is 1.0, stay outside the pool:
+    neither scored nor pruned, they keep the masks they came with. With `call.classifier_density`
+    < 1 the classifier follows its own density schedule and the others share the rest. Pruned
     weights score -inf, so they are the first to go and never come back while density falls;
     `global` scope puts one threshold over all layers, `local` keeps each layer's share.
 
-    The copy's prunable weights, the scores and the masks each live in one flat vector (the
+    The copy's pool weights, the scores and the masks each live in one flat vector (the
     parameters are views of it), so masking the weights, marking the pruned and choosing the
     threshold are a few passes over one vector, not a loop of per-layer copies and concatenations.
     """
     work = copy.deepcopy(model).to(device=inputs.device, dtype=inputs.dtype)
     work.train(inputs.train_mode)
-    params = prunable_parameters(work, bias=call.prune_bias, batchnorm=call.prune_batchnorm)
-    if len({id(p) for p in params.values()}) != len(params):
-        raise PabError("the model shares one weight tensor between prunable layers; pruning needs each layer's own weights")
-    cls_density = call.classifier_density
-    cls = classifier_name(work, inputs.num_classes) if cls_density is not None else None
-    if cls_density is not None and cls not in params:
-        raise PabError(f"classifier_density: the model has no prunable Linear layer with {inputs.num_classes} outputs to treat as the classifier")
-    order = list(params)
-    whole: dict[str, torch.Tensor] = {}
-    if cls is not None and cls_density >= 1.0:
-        # a classifier kept whole leaves the pool altogether, like the original CIFAR code's plain
-        # nn.Linear: not scored, so it neither competes for a threshold nor enters a pruner's sums
-        # over the pool (GraSP's H g, SNIP's normaliser); it keeps the mask it came with
-        p = params.pop(cls)
-        whole[cls] = masks[cls].to("cpu", torch.bool, copy=True) if masks and cls in masks else torch.ones(p.shape, dtype=torch.bool)
-        with torch.no_grad():
-            p.mul_(whole[cls].to(p.device, p.dtype))
-        cls = None
+    pool = _pool(work, call, inputs.num_classes, masks)
+    params, cls = pool.params, pool.classifier
     if not params:
         if on_round:
             for k in range(1, call.iterations + 1):
                 on_round(k, density_at(k, call.iterations, call.density, call.schedule))
-        return whole
+        return pool.whole
     if getattr(pruner, "linearized", False):
-        # SynFlow scores the network with every parameter and buffer replaced by its absolute
-        # value: done once here (the original did it, and undid it, every iteration)
-        with torch.no_grad():
-            for t in {id(t): t for t in work.state_dict(keep_vars=True).values() if t.is_floating_point()}.values():
-                t.abs_()
+        _linearize_(work)
     lay = _Layout(params)
     weights = torch.cat([p.detach().reshape(-1) for p in params.values()])
     for n, v in lay.views(weights).items():
         params[n].data = v
     keep = torch.ones(lay.numel, dtype=torch.bool, device=inputs.device)
-    if masks:
-        for n, v in lay.views(keep).items():
-            if n in masks:
-                v.copy_(masks[n])
+    for n, v in lay.views(keep).items():
+        if masks and n in masks:
+            v.copy_(masks[n])
     keep_f = torch.empty_like(weights)  # keep as 0/1 in the weights' dtype: masking is one multiply
     scores = torch.empty(lay.numel, dtype=torch.float64, device=inputs.device)
     inputs = dataclasses.replace(inputs, scores_out=lay.views(scores))
@@ -269,24 +326,11 @@ def prune(
             weights.mul_(keep_f.copy_(keep))  # the current masks on the weights
         got = pruner.score(pruner_params, work, params, inputs)
         with torch.no_grad():
-            missing = set(params) - set(got)
-            if missing:
-                raise PabError(f"pruner {getattr(pruner, 'name', type(pruner).__name__)} returned no score for {sorted(missing)[:3]}")
-            for n, v in inputs.scores_out.items():  # a pruner may write into scores_out itself
-                s = got[n].detach()
-                if s.data_ptr() != v.data_ptr():
-                    v.copy_(s.reshape(v.shape))
+            _collect_scores(pruner, got, inputs.scores_out, params)
             d = density_at(k, call.iterations, call.density, call.schedule)
-            chosen = [(g, d) for g in groups] + ([([cls], density_at(k, call.iterations, cls_density, call.schedule))] if cls else [])
-            # selecting among those `keep` still keeps: pruned weights never come back
-            if len(chosen) == 1:  # one group, every layer: its mask is the new mask
-                keep = lay.select(scores, keep, *chosen[0])
-            else:
-                new = torch.empty_like(keep)
-                for g, dd in chosen:
-                    lay.put(new, g, lay.select(scores, keep, g, dd))
-                keep = new
+            cls_d = [([cls], density_at(k, call.iterations, call.classifier_density, call.schedule))] if cls else []
+            keep = _select(lay, scores, keep, [(g, d) for g in groups] + cls_d)
         if on_round:
             on_round(k, d)
     got = {n: v.to("cpu", copy=True) for n, v in lay.views(keep).items()}
-    return {n: got[n] if n in got else whole[n] for n in order}
+    return {n: got[n] if n in got else pool.whole[n] for n in pool.order}

@@ -104,6 +104,11 @@ class PrunerCall(PluginCall):
         None, gt=0, le=1, description="A separate kept fraction for the final classifier layer (default: as the others); "
         "1.0 leaves it out of pruning and scoring altogether, as the original CIFAR code's plain nn.Linear."
     )
+    exclude: list[str] = Field(
+        default_factory=list, json_schema_extra={"key": "if_set"},
+        description="Parameter-name patterns (fnmatch: `*` spans dots) of prunable weights to keep dense and outside the pool: "
+        "neither scored nor pruned, and not counted for the global threshold, as the layers the original code builds unmasked "
+        "(its ImageNet ResNet-50's shortcut convolutions: `*.downsample.*`). A pattern that matches nothing is an error.")
     prune_bias: bool = Field(False, description="Also prune the biases of the prunable layers.")
     prune_batchnorm: bool = Field(False, description="Also prune BatchNorm weights (and biases with prune_bias).")
     train_mode: bool = Field(False, description="Score with BatchNorm in train mode (default: eval mode, as the original).")
@@ -146,7 +151,8 @@ class PrunerCall(PluginCall):
 
             cd = density_at(self.round, self.rounds, cd, self.schedule)
         return MaskPolicy(density=self.target_density(), iterations=self.iterations, schedule=self.schedule, scope=self.scope,
-                          classifier_density=cd, prune_bias=self.prune_bias, prune_batchnorm=self.prune_batchnorm)
+                          classifier_density=cd, prune_bias=self.prune_bias, prune_batchnorm=self.prune_batchnorm,
+                          exclude=tuple(self.exclude))
 
 
 class OptimizerCall(PluginCall):

@@ -18,7 +18,9 @@ import torch
 from conftest import CONFIGS, ROOT
 from pab_framework import artifacts, masking
 from pab_framework.context import StageContext
+from pab_framework.errors import PabError
 from pab_framework.masking import kept_count
+from pab_framework.modelutil import prunable_parameters
 from pab_framework.progress import Reporter
 from pab_framework.spec import load_spec
 from pab_framework.yamlio import load_yaml_file
@@ -147,3 +149,118 @@ def test_a_whole_classifier_keeps_the_mask_it_came_with():
     assert torch.equal(got["3.weight"], before["3.weight"]) and int(got["1.weight"].sum()) == kept_count(0.5, 160)
     only = masking.prune(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 3)), Magnitude(), Magnitude.Params(), call, inputs)
     assert list(only) == ["1.weight"] and bool(only["1.weight"].all())
+
+
+# --------------------------------------------------------------------------- the ImageNet recipe
+# The original's ImageNet ResNet-50 (models/masked_imagenet_resnet.py) masks conv1, the three
+# convolutions of every bottleneck and fc; its four shortcut convolutions are plain nn.Conv2d
+# (`conv1x1(..., masked=False)` in `_make_layer`): outside the pool, neither scored nor pruned.
+R50_BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
+ORIGINAL_R50_POOL = ["conv1.weight", *[f"{layer}.{b}.conv{c}.weight" for layer, n in R50_BLOCKS.items() for b in range(n) for c in (1, 2, 3)],
+                     "fc.weight"]
+R50_SHORTCUTS = [f"layer{i}.0.downsample.0.weight" for i in (1, 2, 3, 4)]
+IMAGENET_SETS = ["data.name=synthetic", "data.num_classes=1000", "data.image_size=32", "data.train_size=8", "data.val_size=8",
+                 "runtime.device=cpu", "runtime.nproc_per_node=1", "runtime.num_workers=0"]
+
+
+def _imagenet_prune(tmp_path, sets=()):
+    spec = load_spec(CONFIGS / "imagenet_r50.yaml", [*IMAGENET_SETS, *sets])
+    d = tmp_path / f"prune{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    ctx = _Ctx(spec, "prune", spec.stages["prune"], "", d, {}, torch.device("cpu"), Reporter(mode="none"))
+    result = spec.stages["prune"].plugin.run(ctx)
+    _, masks = artifacts.load_model_artifact(d / artifacts.MODEL)
+    return spec, ctx, result, masks
+
+
+@pytest.fixture(scope="module")
+def r50_pruned(tmp_path_factory):
+    """The shipped ImageNet recipe's prune stage (one round: the pool does not depend on the rounds)."""
+    return _imagenet_prune(tmp_path_factory.mktemp("r50"), ["stages.prune.pruner.iterations=1"])
+
+
+def test_imagenet_recipe_prunes_the_original_resnet50_pool(r50_pruned):
+    assert len(ORIGINAL_R50_POOL) == 50
+    assert load_yaml_file(CONFIGS / "imagenet_r50.yaml").data["stages"]["prune"]["pruner"]["exclude"] == ["*.downsample.*"]
+    _, _, result, masks = r50_pruned
+    # the shortcuts are recorded as excluded and stay dense; everything else is the original's pool
+    assert result["excluded"] == R50_SHORTCUTS
+    assert all(bool(masks[n].all()) for n in R50_SHORTCUTS)
+    pool = [n for n in masks if n not in result["excluded"]]
+    assert pool == ORIGINAL_R50_POOL
+    n = sum(masks[c].numel() for c in pool)
+    assert sum(int(masks[c].sum()) for c in pool) == kept_count(0.5, n)  # the density is the pool's, as the original's
+    assert result["pool_density"] == kept_count(0.5, n) / n
+
+
+def test_bop_still_trains_the_excluded_shortcuts(r50_pruned):
+    """As the original's get_bop_params (every nn.Conv2d): `owns: conv` takes the dense shortcuts too."""
+    from pab_framework.optim import OptimizerContext
+
+    spec, ctx, _, masks = r50_pruned
+    model = ctx.build_model()
+    named = list(model.named_parameters())
+    modules = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
+    octx = OptimizerContext(named, masks, 1, 1, modules)
+    call = spec.stages["train"].params.optimizer
+    assert call.name == "bop" and call.params.owns == "conv"
+    opt = call.plugin.build(call.params, octx)
+    convs = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d)]
+    assert set(opt.sign_params) == set(convs) and set(R50_SHORTCUTS) <= set(opt.sign_params)
+    assert "fc.weight" not in opt.sign_params  # the classifier goes to SGD, as the original's non-Bop params
+
+
+def test_excluded_layers_leave_the_pool_as_the_original_loop_does():
+    """`exclude` on a small ResNet (its shortcuts): the masks are those of the original's loop over
+    the pool without them, the shortcuts stay dense, and the other layers' masks differ from a
+    pool that holds the shortcuts (they moved the global threshold)."""
+    from pab_framework.modelutil import initialise
+    from plugins.models.resnet_cifar import cifar_resnet18
+    from prune_speed import ours
+
+    torch.manual_seed(0)
+    model = cifar_resnet18(width=8)
+    initialise(model, "kaiming_normal", "conv")
+    excl = ("*.shortcut.*",)
+    shortcuts = masking.excluded_names(list(prunable_parameters(model)), excl)["*.shortcut.*"]
+    assert len(shortcuts) == 3
+    got = ours(model, (3, 32, 32), 0.3, ROUNDS, num_classes=10, exclude=excl)
+    want = baseline_synflow(model, (3, 32, 32), 0.3, ROUNDS, original_pool(model, 10, True, excl))
+    assert set(want) == set(got) - set(shortcuts)
+    assert all(bool(got[n].all()) for n in shortcuts) and all(torch.equal(got[n], want[n]) for n in want)
+    pooled = ours(model, (3, 32, 32), 0.3, ROUNDS, num_classes=10)
+    assert not all(bool(pooled[n].all()) for n in shortcuts) and any(not torch.equal(pooled[n], got[n]) for n in want)
+    with pytest.raises(PabError, match="'nothing.*' matches no prunable parameter"):
+        ours(model, (3, 32, 32), 0.3, 1, num_classes=10, exclude=("nothing.*",))
+
+
+@pytest.mark.slow
+def test_imagenet_recipe_matches_the_original_loop(tmp_path):
+    """The shipped ImageNet recipe's prune stage (2 rounds) against the original's loop over the
+    original's ResNet-50 pool, on the same initial weights: every mask entry agrees. Without the
+    exclusion (as pab pruned before) the shortcuts are pruned and the other layers' masks move."""
+    from prune_speed import R50_EXCLUDE
+
+    _, ctx, result, masks = _imagenet_prune(tmp_path, ["stages.prune.pruner.iterations=2"])
+    model = ctx.build_model()
+    assert original_pool(model, 1000, True, R50_EXCLUDE) == ORIGINAL_R50_POOL
+    want = baseline_synflow(model, (3, 32, 32), 0.5, 2, ORIGINAL_R50_POOL)
+    assert all(torch.equal(masks[c], want[c]) for c in ORIGINAL_R50_POOL)
+    _, _, pooled, pmasks = _imagenet_prune(tmp_path, ["stages.prune.pruner.iterations=2", "stages.prune.pruner.exclude=[]"])
+    assert "excluded" not in pooled and not all(bool(pmasks[n].all()) for n in R50_SHORTCUTS)
+    assert any(not torch.equal(pmasks[c], masks[c]) for c in ORIGINAL_R50_POOL)
+
+
+def test_exclude_is_checked_against_the_model_and_keeps_old_keys():
+    from pab_framework.errors import SpecError
+    from pab_framework.pipeline import plan
+
+    with pytest.raises(SpecError) as e:
+        load_spec(CONFIGS / "imagenet_r50.yaml", [*IMAGENET_SETS, "stages.prune.pruner.exclude=['*.downsample.*', '*.shortcut.*']"])
+    (p,) = e.value.problems
+    assert p.path == ("stages", "prune", "pruner", "exclude", 1) and "'*.shortcut.*' matches no prunable parameter" in p.message
+    # a spec that does not use the option keeps the stage keys it had before the option existed (the README's)
+    quick = load_spec(CONFIGS / "quickstart.yaml", ["runtime.device=cpu"])
+    assert [d.name for _, _, d, _ in plan(quick)] == ["prune-53ee8da65573", "train-b9b9475b0817"]
+    excl = load_spec(CONFIGS / "quickstart.yaml", ["runtime.device=cpu", "stages.prune.pruner.exclude=['0.weight']"])
+    assert plan(excl)[0][2].name != "prune-53ee8da65573"
