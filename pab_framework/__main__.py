@@ -1,4 +1,4 @@
 """`python -m pab_framework run SPEC`: the same commands as `pab` (for torchrun -m)."""
-from cli import main
+from pab_framework.cli import main
 
 main()

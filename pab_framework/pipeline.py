@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,6 +18,11 @@ from .metrics import finite_figures
 from .progress import Reporter
 from .spec import ExperimentSpec
 from .yamlio import dump_yaml
+
+try:
+    import fcntl  # the stage locks
+except ImportError:  # pragma: no cover - not POSIX (Windows): no locks
+    fcntl = None
 
 
 @dataclass
@@ -42,12 +48,36 @@ def pick_device(spec: ExperimentSpec, dist: DistInfo) -> torch.device:
     return distributed.pick_device(spec.runtime, dist)
 
 
-def plan(spec: ExperimentSpec, world_size: int | None = None) -> list[tuple[str, str, Path, bool]]:
-    """(stage id, key, directory, complete?) in the order the stages run on `world_size` processes
-    (default: runtime.nproc_per_node)."""
+class Step(NamedTuple):
+    """One stage of a plan: its id, content key and directory, and whether it is complete there."""
+
+    stage_id: str
+    key: str
+    dir: Path
+    complete: bool
+
+
+def plan(spec: ExperimentSpec, world_size: int | None = None) -> list[Step]:
+    """The stages in the order they run on `world_size` processes (default: runtime.nproc_per_node)."""
     keys = stage_keys(spec, world_size)
     order = topological_order({sid: st.dependencies() for sid, st in spec.stages.items()})
-    return [(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
+    return [Step(sid, keys[sid], stage_dir(spec, sid, keys[sid]), artifacts.is_complete(stage_dir(spec, sid, keys[sid]))) for sid in order]
+
+
+def to_run(steps, force: bool = False) -> list[str]:
+    """The ids of the stages still to run among `steps` (anything with `stage_id` and `complete`):
+    those not complete, or every one with `force`."""
+    return [s.stage_id for s in steps if force or not s.complete]
+
+
+def prepare(spec: ExperimentSpec, world_size: int | None = None, *, force: bool = False, dist: DistInfo | None = None) -> list[Step]:
+    """The plan a run follows, made once: under DDP rank 0's, shared with every rank (they must all
+    take the same path); then the data the stages to run will read is checked, before the first
+    starts (reused stages read none)."""
+    dist = dist or DistInfo()
+    steps = dist.broadcast_object(plan(spec, world_size))
+    datacheck.check_data(spec, to_run(steps, force))
+    return steps
 
 
 @contextmanager
@@ -58,9 +88,7 @@ def stage_lock(sdir: Path, reporter: Reporter | None = None):
     An advisory `flock`: released by the kernel when the holder dies, so a crash leaves no stale
     lock. Where `fcntl` is missing (Windows) this does nothing.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
     locks = sdir.parent / ".locks"  # beside the stage folders, out of the way of listings
@@ -87,55 +115,53 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
     device = pick_device(spec, dist)
     distributed.check(spec, dist, device)
     outcomes: dict[str, StageOutcome] = {}
-    # under DDP rank 0 decides what is complete (every rank must take the same path) and every
-    # rank reads what it wrote only after a barrier
-    steps = dist.broadcast_object([(sid, key, str(sdir), complete) for sid, key, sdir, complete in plan(spec, dist.world_size)])
-    # the data the stages to run will read is there, before the first starts (reused stages read none)
-    datacheck.check_data(spec, [sid for sid, _, _, complete in steps if force or not complete])
-    for sid, key, sdir, complete in steps:
-        sdir = Path(sdir)
-        st = spec.stages[sid]
-        upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.dependencies()}
-        if complete and not force:
-            outcomes[sid] = _reuse(sid, st.kind, sdir, reporter)
+    for step in prepare(spec, dist.world_size, force=force, dist=dist):
+        st = spec.stages[step.stage_id]
+        if step.complete and not force:
+            outcomes[step.stage_id] = _reuse(step.stage_id, st.kind, step.dir, reporter)
             continue
+        upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.dependencies()}
         # one process at a time per stage directory; under DDP every rank takes part in the
         # stage, so the lock (a per-process wait) is left to single-process runs
-        with stage_lock(sdir, reporter) if not dist.enabled else _nolock():
-            if dist.broadcast_object(not force and artifacts.is_complete(sdir)):  # another process finished it meanwhile
-                outcomes[sid] = _reuse(sid, st.kind, sdir, reporter)
+        with stage_lock(step.dir, reporter) if not dist.enabled else _nolock():
+            if dist.broadcast_object(not force and artifacts.is_complete(step.dir)):  # another process finished it meanwhile
+                outcomes[step.stage_id] = _reuse(step.stage_id, st.kind, step.dir, reporter)
                 continue
-            if restart and dist.is_main and checkpoint.exists(sdir):
-                checkpoint.discard(sdir)
-                reporter.log(f"[yellow]restart[/]: threw away the checkpoint of {sid}")
-            resumed = checkpoint.exists(sdir)  # the stage itself says where it resumes (one line)
-            if not resumed:
-                reporter.log(f"[bold]running[/] {sid} ({st.kind}) in {sdir}" + (f" on {dist.world_size} processes" if dist.enabled else ""))
-            if dist.is_main:
-                sdir.mkdir(parents=True, exist_ok=True)
-                # a forced re-run: the stage is incomplete from here until its new result is written
-                if (sdir / artifacts.RESULT).exists():
-                    os.unlink(sdir / artifacts.RESULT)
-                artifacts.atomic_write_text(
-                    sdir / artifacts.SPEC,
-                    dump_yaml({"stage": sid, "key": key, "spec": spec.resolved_dict()}),
-                )
-            dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
-            ctx = StageContext(spec, sid, st, key, sdir, upstream, device, reporter, dist)
-            t0 = time.perf_counter()
-            # a figure that is not finite (a diverged validation loss) is missing, not a failed write
-            result = finite_figures(dict(st.plugin.run(ctx)))
-            wall = time.perf_counter() - t0
-            result.setdefault("wall_s", round(wall, 3))
-            # every session's time: this one's and that of the interrupted ones the stage resumed from
-            result.setdefault("compute_s", round(result["wall_s"] + ctx.earlier_s, 3))
-            result.setdefault("resumed", resumed)
-            if dist.is_main:
-                artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
-                checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
-            dist.barrier()  # the artifacts are on disk before a later stage on any rank loads them
-        outcomes[sid] = StageOutcome(sid, st.kind, sdir, result, False, wall, resumed)
+            ctx = StageContext(spec, step.stage_id, st, step.key, step.dir, upstream, device, reporter, dist)
+            outcomes[step.stage_id] = _compute(ctx, restart)
     return list(outcomes.values())
+
+
+def _compute(ctx: StageContext, restart: bool) -> StageOutcome:
+    """Run one stage in its directory (under its lock): spec.yaml first, result.json last."""
+    sid, sdir, dist, reporter = ctx.stage_id, ctx.dir, ctx.dist, ctx.reporter
+    kind = ctx.stage.kind
+    if restart and dist.is_main and checkpoint.exists(sdir):
+        checkpoint.discard(sdir)
+        reporter.log(f"[yellow]restart[/]: threw away the checkpoint of {sid}")
+    resumed = checkpoint.exists(sdir)  # the stage itself says where it resumes (one line)
+    if not resumed:
+        reporter.log(f"[bold]running[/] {sid} ({kind}) in {sdir}" + (f" on {dist.world_size} processes" if dist.enabled else ""))
+    if dist.is_main:
+        sdir.mkdir(parents=True, exist_ok=True)
+        # a forced re-run: the stage is incomplete from here until its new result is written
+        if (sdir / artifacts.RESULT).exists():
+            os.unlink(sdir / artifacts.RESULT)
+        artifacts.atomic_write_text(sdir / artifacts.SPEC, dump_yaml({"stage": sid, "key": ctx.key, "spec": ctx.spec.resolved_dict()}))
+    dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
+    t0 = time.perf_counter()
+    # a figure that is not finite (a diverged validation loss) is missing, not a failed write
+    result = finite_figures(dict(ctx.stage.plugin.run(ctx)))
+    wall = time.perf_counter() - t0
+    result.setdefault("wall_s", round(wall, 3))
+    # every session's time: this one's and that of the interrupted ones the stage resumed from
+    result.setdefault("compute_s", round(result["wall_s"] + ctx.earlier_s, 3))
+    result.setdefault("resumed", resumed)
+    if dist.is_main:
+        artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
+        checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
+    dist.barrier()  # the artifacts are on disk before a later stage on any rank loads them
+    return StageOutcome(sid, kind, sdir, result, False, wall, resumed)
 
 
 @contextmanager

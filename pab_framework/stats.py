@@ -1,10 +1,13 @@
-"""Statistics over seeds: the one implementation the grid's results table and `pab report` share."""
+"""Statistics over seeds: the one implementation the grid's results table and `pab report` share
+(mean and sample std per group of runs; val_acc against density for a grid's curves)."""
 from __future__ import annotations
 
 import json
 import math
 import statistics
 from typing import Any, Callable, Iterable
+
+from .errors import ArtifactError
 
 
 def mean_std(xs: Iterable[float]) -> tuple[float | None, float | None]:
@@ -46,3 +49,34 @@ def over_seeds(rows: list[dict], by: list[str], values: list[str], ok: Callable[
             row[f"{v}_mean"], row[f"{v}_std"] = mean_std(x for x in (number(r.get(v)) for r in good) if x is not None)
         out.append(row)
     return out
+
+
+# a grid's row that holds no result: left out of the curves
+FAILED = {"failed", "error", "errored", "pending", "running", "skipped", "cancelled", "incomplete"}
+# the columns of a grid's results that are figures or bookkeeping, not keys the grid varies
+RESULT_KEYS = {"run", "status", "val_acc", "density", "time_s", "stages_ran", "stages_reused", "error", "stages", "job_id"}
+
+
+def grid_summary(rows: list[dict], varied: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Mean and sample std of val_acc over seeds, per density and per combination of the other
+    varied keys (a line each). Returns (groups, keys used): each group has `line` (the other
+    keys' values), `density`, `n`, `mean`, `std`."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if varied is None:  # keys whose values differ between rows, results aside
+        varied = [k for k in keys if k not in RESULT_KEYS and len({json.dumps(r.get(k), default=str) for r in rows}) > 1]
+    dk = next((k for k in varied if k.split(".")[-1] == "density"), None) or ("density" if "density" in keys else None)
+    if dk is None:
+        raise ArtifactError("grid results have no density column (looked for a varied *.density key and density)")
+    line_keys = [k for k in varied if k not in (dk, "seed")]
+
+    def ok(r: dict) -> bool:
+        return str(r.get("status", "") or "").lower() not in FAILED and number(r.get("val_acc")) is not None and number(r.get(dk)) is not None
+
+    good = [r for r in rows if ok(r)]
+    for r in good:
+        r["_x"] = number(r[dk])
+    stats = over_seeds(good, [*line_keys, "_x"], ["val_acc"])
+    out = [{"line": [g[k] for k in line_keys], "density": g["_x"], "n": g["ok"], "mean": g["val_acc_mean"], "std": g["val_acc_std"]}
+           for g in stats]
+    out.sort(key=lambda g: (json.dumps(g["line"], default=str), g["density"]))
+    return out, {"lines": line_keys, "density": dk, "skipped": len(rows) - len(good)}

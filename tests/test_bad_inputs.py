@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, TINY_SPEC
 
-from cli import app
+from pab_framework.cli import app
 from pab_framework.errors import SpecError
 from pab_framework.spec import spec_from_dict
 from pab_framework.yamlio import load_yaml_text

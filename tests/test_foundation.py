@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from pab_framework.cli import app
 from conftest import TINY_SPEC
 from pab_framework import artifacts
 from pab_framework.pipeline import run_spec

@@ -25,7 +25,7 @@ def _write(tmp_path: Path, grid_text: str, spec_text: str = TINY_SPEC) -> Path:
 
 
 def _cli(*args):
-    import cli
+    from pab_framework import cli
 
     return CliRunner().invoke(cli.app, list(args), catch_exceptions=False)
 

@@ -171,7 +171,7 @@ def test_masks_from_one_stage_and_weights_from_another(write_spec):
 def cli(*args):
     from typer.testing import CliRunner
 
-    from cli import app
+    from pab_framework.cli import app
 
     r = CliRunner().invoke(app, [str(a) for a in args])
     return r.exit_code, r.output

@@ -64,7 +64,7 @@ def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     path = write_spec(TINY_SPEC.replace("progress: plain", "progress: plain, loggers: [jsonl, tensorboard]"))
-    from cli import app
+    from pab_framework.cli import app
 
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 2
@@ -76,7 +76,7 @@ def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
 
 
 def test_unknown_logger_is_rejected(write_spec):
-    from cli import app
+    from pab_framework.cli import app
 
     path = write_spec(TINY_SPEC.replace("progress: plain", "progress: plain, loggers: [wandb]"))
     r = CliRunner().invoke(app, ["validate", str(path)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from pab_framework.cli import app
 from pab_framework.datacheck import check_data, stage_splits
 from pab_framework.errors import DataError, SpecError
 from pab_framework.spec import load_spec

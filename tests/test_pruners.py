@@ -278,7 +278,7 @@ def test_prune_stage_options_end_to_end(tmp_path, write_spec):
 def test_bad_options_exit_2(write_spec, bad):
     from typer.testing import CliRunner
 
-    from cli import app
+    from pab_framework.cli import app
     from tests.conftest import TINY_SPEC
 
     text = TINY_SPEC.replace("pruner: {name: synflow, density: 0.3, iterations: 5}", f"pruner: {{name: snip, density: 0.3, {bad}}}")

@@ -241,7 +241,7 @@ def test_a_model_trains_under_cpu_bf16_autocast():
 def test_fp16_with_an_absolute_threshold_or_signs_is_refused(tmp_path, write_spec):
     from typer.testing import CliRunner
 
-    from cli import app
+    from pab_framework.cli import app
 
     base = TINY_SPEC.replace("    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}",
                              "    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}\n    quantizer: {name: psg, QQ}")
@@ -463,7 +463,7 @@ def test_cuda_follows_the_formulas_without_host_reads():
 def test_bad_params_exit_2(tmp_path, write_spec):
     from typer.testing import CliRunner
 
-    from cli import app
+    from pab_framework.cli import app
 
     text = TINY_SPEC.replace("    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}",
                              "    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}\n    quantizer: {name: psg, threshold_mode: relatve}")

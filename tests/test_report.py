@@ -89,7 +89,7 @@ def tiny_run(tmp_path_factory):
 
 
 def run_report(args):
-    from cli import app
+    from pab_framework.cli import app
 
     return CliRunner().invoke(app, ["report", *map(str, args)])
 

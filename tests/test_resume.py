@@ -243,7 +243,7 @@ def test_sigterm_checkpoints_and_exits_3_then_resumes(tmp_path):
 def _cli(*args: str) -> tuple[int, str]:
     from typer.testing import CliRunner
 
-    from cli import app
+    from pab_framework.cli import app
 
     r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
     return r.exit_code, r.output + (r.stderr if r.stderr_bytes is not None else "")

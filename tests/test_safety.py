@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, TINY_SPEC
 
-from cli import app
+from pab_framework.cli import app
 from pab_framework import artifacts, checkpoint
 from pab_framework.errors import ArtifactError
 from pab_framework.pipeline import plan

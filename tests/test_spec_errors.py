@@ -2,7 +2,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from pab_framework.cli import app
 from conftest import TINY_SPEC
 
 runner = CliRunner()

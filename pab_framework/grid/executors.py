@@ -3,28 +3,33 @@ or as a SLURM array through submitit."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
 import traceback
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from rich.console import Console
+
+from .. import artifacts
 from ..errors import PabError
+from ..pipeline import run_spec
+from ..progress import Reporter
 from ..spec import spec_from_dict
 from .gridfile import Grid, Run
 from .plan import StagePlan, check_runs_data, plan_grid, schedule
 from .results import write_results
 from .slurm import _submitit, make_submitit_executor
 
+
 def run_one(payload: dict) -> dict:
     """Run one expanded spec (in a worker process or a SLURM job); never raises: a failure is
     recorded with its error. Output goes to the run's log file."""
-    from rich.console import Console
-
-    from ..pipeline import run_spec
-    from ..progress import Reporter
-
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"run": payload["index"], "status": "failed", "error": None, "stages": [], "run_wall_s": 0.0}
     log_path = Path(payload["log"])
@@ -35,8 +40,6 @@ def run_one(payload: dict) -> dict:
         reporter.log(f"== run {payload['index']}: {payload.get('label', '')} (pid {os.getpid()})")
         try:
             if payload.get("threads"):
-                import torch
-
                 torch.set_num_threads(int(payload["threads"]))
             spec = spec_from_dict(payload["data"], source=payload["source"], base_dir=Path(payload["base_dir"]))
             outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter)
@@ -70,8 +73,6 @@ def _metrics(results: list[dict]) -> dict:
 
 
 def _record_from_disk(plans: list[StagePlan]) -> dict:
-    from .. import artifacts
-
     results = [artifacts.read_json(sp.dir / artifacts.RESULT) for sp in plans]
     rec = {"status": "ok", "error": None, "run_wall_s": 0.0,
            "stages": [{"stage": sp.stage_id, "kind": sp.kind, "dir": str(sp.dir), "reused": True, "wall_s": float(r.get("wall_s", 0.0))} for sp, r in zip(plans, results)]}
@@ -152,16 +153,12 @@ def _failed(error: str) -> dict:
 
 
 def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record) -> None:
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
     if workers < 1:
         raise PabError(f"--workers must be at least 1 (got {workers})")
     workers = min(workers, len(queue))
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     pending = list(queue)
     inflight: dict[Any, Run] = {}
     try:
@@ -169,7 +166,7 @@ def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record) 
             while pending and len(inflight) < workers:
                 run = pending.pop(0)
                 inflight[pool.submit(run_one, _payload(grid, run, force, threads))] = run
-            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            done, _ = futures.wait(list(inflight), return_when=futures.FIRST_COMPLETED)
             broken = False
             for f in done:
                 run = inflight.pop(f)
@@ -186,12 +183,11 @@ def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record) 
                     record(run, _failed("its worker process died (killed, or crashed outside Python); see its log"))
                 inflight.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+                pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-
 
 
 def _run_submitit(grid: Grid, queue: list[Run], force: bool, record, cluster: str, wait: bool) -> list[str]:

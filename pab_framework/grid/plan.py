@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gridfile import Grid, Run
+from ..datacheck import problems
+from ..errors import Problem
+from ..pipeline import plan, to_run
+from .gridfile import Grid, GridError, Run
 
 
 @dataclass
@@ -19,16 +22,13 @@ class StagePlan:
 
 def plan_grid(grid: Grid) -> dict[int, list[StagePlan]]:
     """For every run, its stages in order: directory, completeness, and which runs share it."""
-    from ..pipeline import plan
-
     users: dict[Path, list[int]] = {}
-    per_run: dict[int, list[tuple]] = {}
+    per_run = {run.index: plan(run.spec) for run in grid.runs}
     for run in grid.runs:
-        per_run[run.index] = plan(run.spec)
-        for _, _, d, _ in per_run[run.index]:
-            users.setdefault(d, []).append(run.index)
+        for step in per_run[run.index]:
+            users.setdefault(step.dir, []).append(run.index)
     return {
-        run.index: [StagePlan(sid, run.spec.stages[sid].kind, key, d, done, users[d]) for sid, key, d, done in per_run[run.index]]
+        run.index: [StagePlan(s.stage_id, run.spec.stages[s.stage_id].kind, s.key, s.dir, s.complete, users[s.dir]) for s in per_run[run.index]]
         for run in grid.runs
     }
 
@@ -36,14 +36,9 @@ def plan_grid(grid: Grid) -> dict[int, list[StagePlan]]:
 def check_runs_data(grid: Grid, plans: dict[int, list[StagePlan]], force: bool = False) -> None:
     """The data every run's stages to compute will read is there (pab_framework.datacheck); one
     GridError naming each problem and the runs it stops, before any run starts."""
-    from ..datacheck import problems
-    from ..errors import Problem
-    from .gridfile import _grid_error
-
     found: dict[str, list[int]] = {}
     for run in grid.runs:
-        ids = [sp.stage_id for sp in plans[run.index] if force or not sp.complete]
-        for p in problems(run.spec, ids, name_stages=False):
+        for p in problems(run.spec, to_run(plans[run.index], force), name_stages=False):
             found.setdefault(p.render(), []).append(run.index)
     if found:
         def runs(r: list[int]) -> str:
@@ -51,7 +46,7 @@ def check_runs_data(grid: Grid, plans: dict[int, list[StagePlan]], force: bool =
                 return f"all {len(r)} runs"
             return f"run{'s' if len(r) > 1 else ''} {', '.join(map(str, r[:8]))}{'...' if len(r) > 8 else ''}"
 
-        raise _grid_error([Problem((), f"{msg} ({runs(r)})") for msg, r in found.items()], title="missing data")
+        raise GridError([Problem((), f"{msg} ({runs(r)})") for msg, r in found.items()], title="missing data")
 
 
 def plan_summary(plans: dict[int, list[StagePlan]]) -> list[dict]:

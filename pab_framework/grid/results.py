@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+from .. import artifacts
 from ..errors import PabError
 from ..stats import over_seeds as _over_seeds
 from .gridfile import Grid, Run
@@ -31,7 +32,6 @@ def _row(grid: Grid, run: Run, rec: dict) -> dict:
     }
 
 
-
 def over_seeds(varied: list[str], rows: list[dict]) -> list[dict]:
     """Mean and standard deviation (sample, n-1) of the ok runs' val_acc and density, over the
     seeds of every combination of the other varied keys."""
@@ -41,8 +41,6 @@ def over_seeds(varied: list[str], rows: list[dict]) -> list[dict]:
 
 def write_results(grid: Grid, records: dict[int, dict]) -> dict:
     """results.json and results.csv in the grid directory, rewritten atomically."""
-    from .. import artifacts
-
     by_index = {r.index: r for r in grid.runs}
     rows = [_row(grid, by_index[i], records[i]) for i in sorted(records)]
     varied = grid.varied_keys
