@@ -24,6 +24,7 @@ GROUPS = {
     "quantizer": "pab.quantizers",
     "transform": "pab.transforms",
     "stage": "pab.stages",
+    "exporter": "pab.exporters",
 }
 
 # What each kind of plugin must provide, beside `Params`.
@@ -35,6 +36,7 @@ REQUIRED_METHODS = {
     "pab.quantizers": ("apply",),
     "pab.transforms": ("apply",),
     "pab.stages": ("run",),
+    "pab.exporters": ("write",),
 }
 
 
