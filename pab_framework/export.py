@@ -164,11 +164,14 @@ def _upstream_model(d: Path, spec: dict, sid: str) -> Path:
 
 
 def stage_sources(root: str | Path) -> list[Path]:
-    """Every complete stage directory under an experiment, an output or a grid directory."""
+    """Every complete stage directory of an experiment directory, an output directory of
+    experiments, or a grid directory (the stages its results.json names)."""
     root = Path(root)
-    dirs = artifacts.stage_dirs(root, levels=2)
-    if not dirs and root.is_dir():  # a grid directory: its runs' experiments sit two levels further down
-        dirs = [s for sub in sorted(p for p in root.iterdir() if p.is_dir()) for s in artifacts.stage_dirs(sub, levels=2)]
+    if (root / "results.json").is_file():  # a grid: its runs' stages live under their experiments
+        rows = artifacts.read_json(root / "results.json").get("rows") or []
+        dirs = list(dict.fromkeys(Path(d) for r in rows for d in (r.get("stages") or {}).values()))
+    else:
+        dirs = artifacts.stage_dirs(root, levels=2)
     return [d for d in dirs if artifacts.is_complete(d)]
 
 
@@ -208,6 +211,22 @@ def packed_bytes(stage_dir: str | Path, fmt: str = "packed") -> int:
     """The size the stage's model takes in format `fmt`, encoded in memory (nothing written)."""
     plugin = exporter(fmt)
     return len(plugin.encode(plugin.Params(), stage_source(stage_dir)))
+
+
+def file_sizes(stage_dir: str | Path) -> tuple[int | None, int | None]:
+    """(model.pt bytes, packed bytes) of a stage: the packed file's when `pab export` wrote one
+    after model.pt, else encoded in memory; None where there is none (or it cannot be made here)."""
+    d = Path(stage_dir)
+    pt = d / artifacts.MODEL
+    if not pt.is_file():
+        return None, None
+    packed = d / f"model{exporter('packed').suffix}"
+    if packed.is_file() and packed.stat().st_mtime >= pt.stat().st_mtime:
+        return pt.stat().st_size, packed.stat().st_size
+    try:
+        return pt.stat().st_size, packed_bytes(d)
+    except PabError:  # the model plugin is missing here, say: the table shows what it can
+        return pt.stat().st_size, None
 
 
 def load(path: str | Path) -> nn.Module:

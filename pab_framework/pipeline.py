@@ -157,6 +157,9 @@ def _compute(ctx: StageContext, restart: bool) -> StageOutcome:
     # every session's time: this one's and that of the interrupted ones the stage resumed from
     result.setdefault("compute_s", round(result["wall_s"] + ctx.earlier_s, 3))
     result.setdefault("resumed", resumed)
+    if (sdir / artifacts.MODEL).is_file():  # what rebuilds the model's shape without the data (pab export, pab_framework.load)
+        info = ctx.data_info()
+        result.setdefault("data_info", {"num_classes": info.num_classes, "input_shape": list(info.input_shape)})
     if dist.is_main:
         artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
         checkpoint.discard(sdir)  # complete: the result and model.pt supersede it

@@ -201,3 +201,26 @@ def test_recorded_recipe_and_sources(study):
     assert doc["recipe"]["data_info"] == {"num_classes": 10, "input_shape": [1, 8, 8]}
     assert doc["versions"]["torch"] == torch.__version__.split("+")[0]
     assert doc["source"]["stage"] == "pab" and doc["source"]["density"] == pytest.approx(json.loads((study["pab"].dir / "result.json").read_text())["density"])
+
+
+def test_the_command_line(study, tmp_path):
+    from typer.testing import CliRunner
+
+    from pab_framework.cli import app
+
+    root = study["pab"].dir.parent
+    run = CliRunner().invoke
+    r = run(app, ["export", str(root), "--all"])
+    assert r.exit_code == 0, r.output
+    for o in study.values():  # every stage wrote its file (the evaluate stage its evaluated model's)
+        assert (o.dir / "model.pab").is_file(), o.stage_id
+    assert "vs model.pt" in r.output and "sign-trained" in r.output
+    r = run(app, ["export", str(study["pab"].dir), "-f", "safetensors", "-o", str(tmp_path / "net.safetensors")])
+    assert r.exit_code == 0 and (tmp_path / "net.safetensors").is_file()
+    for args, msg in ((["export", str(tmp_path)], "not a stage directory"), (["export", str(study["pab"].dir), "-f", "onxx"], "did you mean 'onnx'"),
+                      (["export", str(root), "--all", "-o", "x.pab"], "with --all each stage's file goes into its own directory")):
+        r = run(app, args)
+        assert r.exit_code == 2 and msg in r.output, (args, r.output)
+    r = run(app, ["results", str(root)])
+    assert r.exit_code == 0 and "model.pt / packed" in r.output
+    assert study["pab"].result["data_info"] == {"num_classes": 10, "input_shape": [1, 8, 8]}  # recorded for loading without the data

@@ -140,8 +140,14 @@ def test_report_of_a_run(tiny_run):
     assert num(cost["FLOPs per input, dense"]) == 2 * pres["total"]
     assert num(cost["FLOPs per input, after pruning"]) == 2 * pres["kept"]
     assert num(cost["weights, float32 (dense) (bytes)"]) == 4 * params
-    assert num(cost["weights, 1-bit mask + 1-bit sign per prunable weight (bytes)"]) == math.ceil(2 * pres["total"] / 8 + 4 * other)
-    assert num(cost["weights, mask bitmap + 1 sign bit per kept weight (bytes)"]) == math.ceil((pres["total"] + pres["kept"]) / 8 + 4 * other)
+    info = math.ceil((pres["total"] + pres["kept"]) / 8 + 4 * other)
+    assert num(cost["weights, mask bitmap + 1 sign bit per kept weight (bytes)"]) == info
+    # the memory of the result is the real files': the stage's model.pt, and the packed file `pab export` writes
+    from pab_framework import export
+
+    assert num(cost["model.pt, the file (bytes)"]) == (prune_dir / "model.pt").stat().st_size
+    packed = export.packed_bytes(prune_dir)
+    assert num(cost["packed file (pab export) (bytes)"]) == packed and packed <= info + 8192
 
 
 def test_report_of_an_output_directory_and_of_one_stage(tiny_run, tmp_path):

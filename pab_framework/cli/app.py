@@ -9,6 +9,7 @@ from importlib import metadata
 
 import typer
 
+from .export import export
 from .grid import grid
 from .help import Command, Group
 from .output import out
@@ -18,7 +19,7 @@ from .run import run, validate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Group,
                   help="Peek-a-Boo experiments: prune at initialisation, then train only the signs of the surviving weights.")
-for command in (run, validate, schema, report, plugins, grid, results):
+for command in (run, validate, schema, report, plugins, grid, results, export):
     app.command(cls=Command)(command)
 
 

@@ -6,28 +6,41 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..formatting import as_written, fixed
+from ..formatting import as_written, fixed, human_bytes
 from .output import err, out, rel
 
 
-def stage_table(title: str, rows, time_col: str = "time (s)") -> Table:
+def stage_table(title: str, rows, time_col: str = "time (s)", sizes: dict | None = None) -> Table:
     """One row per stage: (stage, kind, status, result.json, seconds or None, directory). After a
-    run, `time (s)` is what this command spent: `-` for a stage reused (computed earlier)."""
+    run, `time (s)` is what this command spent: `-` for a stage reused (computed earlier). With
+    `sizes` (directory -> (model.pt bytes, packed bytes)), a column of the network's file sizes."""
     table = Table(title=title)
-    for col in ("stage", "kind", "status", "density", "val_acc", time_col, "directory"):
+    cols = ("stage", "kind", "status", "density", "val_acc", time_col, *(("model.pt / packed",) if sizes is not None else ()), "directory")
+    for col in cols:
         table.add_column(col, overflow="fold")
     for sid, kind, status, r, secs, d in rows:
+        size = [_sizes(*sizes.get(d, (None, None)))] if sizes is not None else []
         table.add_row(sid, kind, status, fixed(r["density"]) if "density" in r else "-", fixed(r["val_acc"]) if "val_acc" in r else "-",
-                      "-" if status == "reused" or secs is None else f"{secs:.1f}", rel(d))
+                      "-" if status == "reused" or secs is None else f"{secs:.1f}", *size, rel(d))
     return table
 
 
+def _sizes(pt: int | None, packed: int | None) -> str:
+    if pt is None:
+        return "-"
+    return f"{human_bytes(pt)} / {human_bytes(packed) if packed is not None else '-'}"
+
+
 def print_stages(directory: Path, stages) -> None:
-    """An experiment directory's stages, in the order they were started: what each computed and how long it took."""
+    """An experiment directory's stages, in the order they were started: what each computed, how
+    long it took and what its network takes on disk (model.pt, and packed by `pab export`)."""
+    from ..export import file_sizes  # heavy: torch
+
     names = sorted({r.experiment for r in stages})
     rows = [(r.stage_id, r.kind, r.status + (", resumed" if (r.result or {}).get("resumed") else ""), r.result or {},
              (r.result or {}).get("compute_s", (r.result or {}).get("wall_s")), r.dir) for r in stages]
-    out.print(stage_table(f"{', '.join(names)}: stages", rows, time_col="compute (s)"))
+    sizes = {r.dir: file_sizes(r.dir) for r in stages if r.status == "complete"}
+    out.print(stage_table(f"{', '.join(names)}: stages", rows, time_col="compute (s)", sizes=sizes))
     counts = {k: sum(r.status == k for r in stages) for k in ("complete", "interrupted", "incomplete")}
     out.print(", ".join(f"{n} {k}" for k, n in counts.items() if n)
               + ("; an interrupted stage resumes from its checkpoint when its spec runs again" if counts["interrupted"] else ""))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import artifacts
+from .. import artifacts, export
 from ..errors import PabError
 from ..formatting import human_bytes
 from ..modelutil import build_model, prunable_parameters
@@ -67,8 +67,7 @@ def model_cost(model, masks: dict, input_shape: tuple[int, ...]) -> dict:
         "layers": layers,
         "bytes_float32": 4 * n_params,
         "bytes_float32_sparse": 4 * (other + n_kept),
-        "bytes_sign_mask_2bit": (2 * n_prunable) / 8 + 4 * other,
-        "bytes_bitmap_signs": (n_prunable + n_kept) / 8 + 4 * other,
+        "bytes_bitmap_signs": (n_prunable + n_kept) / 8 + 4 * other,  # the information: mask bits + sign bits of the survivors
     }
 
 
@@ -88,7 +87,9 @@ def stage_model_cost(d: Path, doc: dict) -> tuple[dict | None, str]:
         model.load_state_dict(state)
     except RuntimeError as e:  # a quantizer may have wrapped the layers; counts need only shapes and masks
         note = f"model.pt's weights do not load into the rebuilt model ({str(e).splitlines()[0][:120]}); counted from shapes and masks"
-    return model_cost(model, masks, tuple(info.input_shape)), note
+    cost = model_cost(model, masks, tuple(info.input_shape))
+    cost["file_model_pt"], cost["file_packed"] = export.file_sizes(d)
+    return cost, note
 
 
 def cost_table(tag: str, c: dict) -> Table:
@@ -107,11 +108,14 @@ def cost_table(tag: str, c: dict) -> Table:
         ["FLOPs per input, after pruning", round(c["sparse_flops"]), f"{c['flops'] / c['sparse_flops']:.2f}x fewer" if c["sparse_flops"] else ""],
         mem("weights, float32 (dense)", c["bytes_float32"]),
         mem("weights, float32 values of kept weights only", c["bytes_float32_sparse"]),
-        mem("weights, 1-bit mask + 1-bit sign per prunable weight", c["bytes_sign_mask_2bit"]),
         mem("weights, mask bitmap + 1 sign bit per kept weight", c["bytes_bitmap_signs"]),
+        mem("model.pt, the file", c["file_model_pt"]),
     ]
+    if c.get("file_packed") is not None:
+        rows.append(mem("packed file (pab export)", c["file_packed"]))
     return Table(f"cost-{tag}", "Parameters, FLOPs and memory", ["", "value", ""], rows,
                  "FLOPs by torch.utils.flop_counter.FlopCounterMode on one input (a multiply-add counts 2); after pruning, each "
-                 "Conv2d/Linear layer's FLOPs are scaled by its kept fraction, other operations stay dense. Sign + mask formats "
-                 "store no magnitudes: with sign-only training (Bop) they are the initialisation, regenerated from the seed; the "
-                 "other parameters (BatchNorm, biases) count as float32 in every row.")
+                 "Conv2d/Linear layer's FLOPs are scaled by its kept fraction, other operations stay dense. The mask + sign row "
+                 "stores no magnitudes: with sign-only training (Bop) they are the initialisation, regenerated from the seed; the "
+                 "other parameters (BatchNorm, biases) count as float32. The last rows are real files: the stage's model.pt and "
+                 "what `pab export` writes (packed: lossless, loads back bitwise).")
