@@ -47,9 +47,9 @@ import torch
 from . import artifacts
 from .errors import ArtifactError, PabError, WriteError
 
-CURRENT = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
-NAMES = (CURRENT, PREVIOUS)
+CURRENT = artifacts.CHECKPOINT
+PREVIOUS = artifacts.CHECKPOINT_PREVIOUS
+NAMES = artifacts.CHECKPOINTS
 MAGIC = b"PABCKPT1 "
 FORMAT = 1
 
@@ -213,7 +213,7 @@ def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> P
         os.replace(tmp, cur)
     except OSError as e:
         raise CheckpointWriteError(f"cannot install checkpoint {cur}: {e.strerror or e}") from None
-    artifacts._fsync_dir(d)
+    artifacts.fsync_dir(d)
     return cur
 
 
