@@ -225,7 +225,8 @@ class MetricsFiles(Callback):
 
 # --------------------------------------------------------------------------- progress
 class Progress(Callback):
-    """An epoch bar and a batch bar (rich on a terminal, log lines otherwise)."""
+    """An epoch bar and a batch bar (rich on a terminal, log lines otherwise). Each epoch's line
+    shows the training loss, the validation accuracy and the figures recorded with `show=True`."""
 
     def setup(self, trainer, stack) -> None:
         rep = trainer.reporter
@@ -244,11 +245,18 @@ class Progress(Callback):
 
     def on_epoch_end(self, trainer, figures) -> None:
         row = trainer.metrics[-1]
-        extra = f"  flips {row['flips']}" if isinstance(row.get("flips"), int) else ""
+        extra = "".join(f"  {k} {_shown(figures.scalars.get(k))}" for k in figures.shown)
         loss, acc = row.get("train_loss"), row.get("val_acc")
         info = f"loss {'-' if loss is None else f'{loss:.4f}'}  val_acc {'-' if acc is None else f'{acc:.4f}'}{extra}"
         self.epochs.advance(1, info=info, log=True)
         self.shown += 1
+
+
+def _shown(v) -> str:
+    """A figure on the progress line: a count as it is, a fraction to 4 significant digits."""
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # --------------------------------------------------------------------------- test hooks
