@@ -290,7 +290,7 @@ def test_the_nonfinite_watch_costs_one_op_per_step_and_reads_the_device_only_at_
                 self.ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    trainer = SimpleNamespace(device=torch.device("cpu"), epoch=4, step=0, stage_id="train", last_saved="ck.pt")
+    trainer = SimpleNamespace(device=torch.device("cpu"), epoch=4, step=0, stage=SimpleNamespace(stage_id="train"), last_saved="ck.pt")
     cb = StopOnNonFinite(every=8)
     cb.setup(trainer, None)
     reads = []

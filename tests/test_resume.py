@@ -183,16 +183,16 @@ def run_in_process(spec: Path, **kw) -> str:
 def test_no_checkpoint_after_the_last_epoch_and_a_crash_there_loses_one_epoch(reference, tmp_path, monkeypatch):
     """model.pt follows the last epoch at once, so no checkpoint is written there; a crash before
     model.pt is complete resumes from the epoch before and ends as an uninterrupted run."""
+    from pab_framework.checkpointing import Checkpointer
     from pab_framework.context import StageContext
-    from pab_framework.trainer import Trainer
 
     spec = _fresh(tmp_path)
     saved = []
-    real_save = Trainer.save_checkpoint
+    real_save = Checkpointer.save
 
-    def save(self):
-        saved.append((self.epoch, self.step))
-        real_save(self)
+    def save(self, trainer):
+        saved.append((trainer.epoch, trainer.step))
+        real_save(self, trainer)
 
     def crash(self, *a, **k):
         if self.stage_id == "train":
@@ -200,7 +200,7 @@ def test_no_checkpoint_after_the_last_epoch_and_a_crash_there_loses_one_epoch(re
         return real_model(self, *a, **k)
 
     real_model = StageContext.save_model
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    monkeypatch.setattr(Checkpointer, "save", save)
     monkeypatch.setattr(StageContext, "save_model", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_in_process(spec)
