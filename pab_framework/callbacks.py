@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 import torch
 
 from . import artifacts, checkpoint, loggers
-from .distributed import StopVote, state_digest, test_fail
+from .distributed import StopVote, state_digest
 from .errors import TrainingError
 from .metrics import EpochFigures, rewrite_table
 
@@ -287,19 +287,6 @@ def _shown(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-# --------------------------------------------------------------------------- test hooks
-class TestHooks(Callback):
-    """Test-only pauses and failures at chosen steps (PAB_TEST_PAUSE, PAB_TEST_FAIL); nothing otherwise."""
-
-    def on_step_end(self, trainer) -> None:
-        n = trainer.epoch * trainer.steps_per_epoch + trainer.step
-        checkpoint.test_pause("step", n)
-        test_fail("step", n, trainer.dist.rank)
-
-    def on_epoch_end(self, trainer, figures) -> None:
-        checkpoint.test_pause("epoch-end", trainer.epoch)
-
-
 # --------------------------------------------------------------------------- kept weights
 class KeepWeights(Callback):
     """Writes the model and masks after each epoch in `epochs` (0: before the first step) to
@@ -346,15 +333,14 @@ def standard(extra: Sequence[Callback] = (), *, checkpoints: Callback | None = N
     files, stop signals, `checkpoints`: the run's `checkpointing.Checkpointer`, the DDP agreement
     check) around `extra`, the stage's own (a transform's, say), in the order their hooks run.
 
-    At a step's end: progress, test hooks, `extra`, the stop vote, then the periodic checkpoint.
-    At an epoch's end: progress, the metrics files, the test pause, `extra` (a mask changed here is
-    in the epoch's checkpoint), the stop vote, then the epoch's checkpoint (a stop requested there
-    needs no second one)."""
+    At a step's end: progress, `extra`, the stop vote, then the periodic checkpoint.
+    At an epoch's end: progress, the metrics files, `extra` (a mask changed here is in the epoch's
+    checkpoint), the stop vote, then the epoch's checkpoint (a stop requested there needs no
+    second one)."""
     return [
         Progress(),
         SkipNonFinite() if on_nonfinite == "skip" else StopOnNonFinite(),
         MetricsFiles(),
-        TestHooks(),
         *extra,
         StopSignals(),
         *([checkpoints] if checkpoints is not None else []),

@@ -68,7 +68,7 @@ class Checkpointer(Callback):
         self.saves += 1
         # a host copy now (tens of milliseconds); serialising and writing go on beside training
         snap = checkpoint.snapshot(self.payload(trainer, sums))
-        self.last_saved = self.writer.submit(self.stage.dir, self.stage.key, snap, count=self.saves)
+        self.last_saved = self.writer.submit(self.stage.dir, self.stage.key, snap)
 
     def payload(self, trainer, sums: torch.Tensor) -> dict:
         """What a checkpoint holds (module docstring); `sums`: the running sums over every rank."""

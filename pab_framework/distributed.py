@@ -253,23 +253,6 @@ def state_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def test_fail(point: str, n: int, rank: int) -> None:
-    """Test-only: `PAB_TEST_FAIL=<rank>:<point>:<n>[:crash]` makes that rank fail the n-th time it
-    reaches `point` (`step`: after global step n of training): a TrainingError (exit code 2), or with
-    `:crash` a plain RuntimeError (a bug: traceback, exit code 1), so a test can watch the job end."""
-    want = os.environ.get("PAB_TEST_FAIL")
-    if not want:
-        return
-    parts = want.split(":")
-    if len(parts) < 3 or parts[:3] != [str(rank), point, str(n)]:
-        return
-    if parts[3:] == ["crash"]:
-        raise RuntimeError(f"PAB_TEST_FAIL: rank {rank} crashes at {point} {n}")
-    from .errors import TrainingError
-
-    raise TrainingError(f"PAB_TEST_FAIL: rank {rank} fails at {point} {n}")
-
-
 # --------------------------------------------------------------------------- launching
 EXIT_PRIORITY = (2, 4, 3)  # a user's error first, then a failed write, then a signal
 
