@@ -40,7 +40,7 @@ class Trainer:
         self.model, self.masks, self.epochs = model, masks, epochs
         self.train, self.val = stage.batches("train", shard=True), stage.batches("val", shard=True)
         self.steps_per_epoch = len(self.train)
-        self.net = stage.parallel(model)  # DDP under several processes: gradients all-reduced, so Bop flips alike everywhere
+        self.net = stage.parallel(model)  # DDP under several processes: gradients all-reduced, so every rank steps alike
         octx = OptimizerContext.for_model(model, masks, epochs, self.steps_per_epoch)
         self.opt: TrainOptimizer = build_optimizer(octx)
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
