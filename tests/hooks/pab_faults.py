@@ -3,8 +3,7 @@
 Installed from outside the product, through its public seams: a callback put into the Trainer's
 list where the standard callbacks' step and epoch-end hooks stand (after the metrics files,
 before the stage's own callbacks, the stop vote and the checkpoint), and wrappers of the
-checkpoint file's `save` / `write_all` and of `os.replace`. Points (`n`: the n-th time, 1-based
-where it counts):
+checkpoint file's `save` / `write_all` and of `os.replace`. The points:
 
     step:N         after global step N of training (epoch * steps_per_epoch + step)
     epoch-end:N    after epoch N's metrics are written, before its checkpoint
@@ -34,9 +33,9 @@ PAUSED = "PAB_TEST_PAUSED"
 
 
 def at(point: str, n: int, action: Callable[..., None], patch=setattr) -> None:
-    """Run `action(trainer)` (`action()` at the checkpoint points) when training reaches `point`
-    for the n-th time. `patch(obj, name, value)`: how to install (pytest's monkeypatch.setattr
-    undoes it after the test)."""
+    """Run `action(trainer)` (`action()` at the checkpoint points, in the writer's thread) when
+    training reaches `point:n` (module docstring). `patch(obj, name, value)`: how to install
+    (pytest's monkeypatch.setattr undoes it after the test)."""
     if point in ("step", "epoch-end"):
         _add_callback(_At(point, n, action), patch)
     elif point == "ckpt-write":
