@@ -180,7 +180,7 @@ def session(runtime, dist: DistInfo | None = None) -> Iterator[DistInfo]:
         dist.control = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
         yield dist
     except BaseException:
-        if under_launcher():  # the process ends as soon as the error is reported (cli.main): tearing the
+        if under_launcher():  # the process ends as soon as the error is reported (pab_framework.cli.app.main): tearing the
             raise  # group down now, with a peer gone or mid-collective, can hang or abort the process
         _destroy()
         raise
