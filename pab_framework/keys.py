@@ -1,8 +1,9 @@
 """What a stage's content key is made of.
 
-Every stage kind declares what its result depends on with a method `key(view) -> dict`, built
+Every stage kind declares what its result depends on with its hook `key(view) -> dict`, built
 from a `KeyView` of the spec; the engine adds the upstream stages' keys and the artifact format,
-and hashes the lot. A stage kind without `key()` depends on everything (`view.default()`).
+and hashes the lot. A stage kind without its own `key()` depends on everything
+(`view.default()`, see `pab_framework.contracts.StagePlugin`).
 
 A parameter whose value cannot change a result (how often to checkpoint; two implementations
 that compute bitwise alike; a documented no-op kept for fidelity) is marked where it is declared,
@@ -44,9 +45,8 @@ def key_dump(obj: Any) -> Any:
         for fname, f in type(obj).model_fields.items():
             if fname != "name" and in_key(f, getattr(obj, fname)):
                 out[fname] = key_dump(getattr(obj, fname))
-        params = obj._params
-        if params is not None:
-            out.update(key_dump(params))
+        if obj.resolved:
+            out.update(key_dump(obj.params))
         else:
             out.update(to_jsonable_python(obj.plugin_keys()))
         return out
@@ -102,7 +102,7 @@ class KeyView:
         """This stage's kind, parameters and sources (which upstream stages' keys, covered by the
         upstream keys, and which file or epoch its masks and weights come from)."""
         st = self.spec.stages[self.stage_id]
-        out = {"kind": st.kind, **(key_dump(st.params) if st.params is not None else {})}
+        out = {"kind": st.kind, **(key_dump(st.params) if st.resolved else {})}
         for k in ("masks_from", "weights_from"):
             src = getattr(st, k)
             if src is not None:
@@ -144,9 +144,4 @@ class KeyView:
 
 def stage_material(spec: ExperimentSpec, stage_id: str, world_size: int | None = None) -> dict:
     """What the stage kind declares its result depends on (see the module docstring)."""
-    plugin = spec.stages[stage_id].plugin
-    view = KeyView(spec, stage_id, world_size)
-    fn = getattr(plugin, "key", None)
-    if callable(fn):
-        return fn(view)
-    return view.default(runtime=bool(getattr(plugin, "runtime_in_key", False)))
+    return spec.stages[stage_id].plugin.key(KeyView(spec, stage_id, world_size))
