@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from .hashing import file_digest
 from .spec import ExperimentSpec, PluginCall
 
 # Bump when the meaning of a stage's artifacts changes, so old caches are not reused.
@@ -59,19 +60,6 @@ def key_dump(obj: Any) -> Any:
     return to_jsonable_python(obj)
 
 
-def _file_digest(path) -> str | None:
-    import hashlib
-
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    except OSError:
-        return None
-
-
 def runtime_numerics(spec: ExperimentSpec, world_size: int | None = None) -> dict:
     """The part of `runtime` that changes what a training stage computes: mixed precision, and
     the global batch when `batch_size_is: per_rank` runs on several processes. Empty in the
@@ -108,7 +96,7 @@ class KeyView:
             if src is not None:
                 out[k] = key_dump(src)
                 if getattr(src, "path", None):  # a file: what it holds
-                    out[k]["sha256"] = _file_digest(self.spec.resolve_path(src.path))
+                    out[k]["sha256"] = file_digest(self.spec.resolve_path(src.path))
         return out
 
     def model(self) -> dict:

@@ -96,8 +96,8 @@ def _message(e: dict, loc: tuple, model: Any) -> str:
             if close:
                 msg += f"; is {close[0]!r} a misspelling of {loc[-1]!r}?"
         return msg
-    if typ == "pab":  # a message of ours (PydanticCustomError("pab", ...)): complete as it stands
-        return e["msg"]
+    if typ == "pab":  # a message of ours (PydanticCustomError("pab", ...)): complete, but for the key it stands at
+        return e["msg"].replace("{key}", str(loc[-1])) if loc else e["msg"]
     if typ in ("model_type", "dict_type"):
         return f"{e['msg']} (got {type(e.get('input')).__name__})"
     return e["msg"] + (f" (got {_short(e['input'])})" if "input" in e else "")
