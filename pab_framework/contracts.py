@@ -199,7 +199,8 @@ class StagePlugin(Plugin, Protocol):
 
 # --------------------------------------------------------------------------- checking and binding
 def problem(group: str, obj: Any) -> str | None:
-    """Why `obj` breaks the contract of `group` (a plugin without a required member), or None."""
+    """Why `obj` breaks the contract of `group` (no pydantic `Params`, a required method missing,
+    a hook that is not a method), or None."""
     params = getattr(obj, "Params", None)
     if not (isinstance(params, type) and issubclass(params, BaseModel)):
         return f"its Params is {params!r}, not a pydantic model"
@@ -217,7 +218,8 @@ def problem(group: str, obj: Any) -> str | None:
 
 class BoundPlugin:
     """A plugin seen through its kind's contract: every member of the contract exists on it,
-    the plugin's own or the contract's default; any other attribute is the plugin's."""
+    the plugin's own or the contract's default; any other attribute is the plugin's. Its own:
+    `plugin` (the object as its package made it), `name` (its registered name), `contract`."""
 
     def __init__(self, contract: Contract, plugin: Any, name: str | None = None):
         self.__dict__.update(contract=contract, plugin=plugin, name=name or type(plugin).__name__)
@@ -234,6 +236,9 @@ class BoundPlugin:
         if plugin is None or attr.startswith("__"):
             raise AttributeError(attr)
         return getattr(plugin, attr)
+
+    def __reduce__(self):  # pickled and copied as the plugin it binds
+        return bind, (self.contract.group, self.plugin, self.name)
 
     def __repr__(self) -> str:
         return f"<{self.contract.kind} plugin {self.name!r}: {self.plugin!r}>"

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from .hashing import file_digest
-from .spec import ExperimentSpec, PluginCall
+from .spec import ExperimentSpec, PluginCall, Source
 
 # Bump when the meaning of a stage's artifacts changes, so old caches are not reused.
 ARTIFACT_FORMAT = 2
@@ -95,7 +95,7 @@ class KeyView:
             src = getattr(st, k)
             if src is not None:
                 out[k] = key_dump(src)
-                if getattr(src, "path", None):  # a file: what it holds
+                if isinstance(src, Source) and src.path:  # a file: what it holds
                     out[k]["sha256"] = file_digest(self.spec.resolve_path(src.path))
         return out
 

@@ -3,6 +3,7 @@ object the engine gets has every hook of its kind, the plugin's own or the contr
 from __future__ import annotations
 
 import copy
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -105,6 +106,9 @@ def test_the_bound_plugin_has_every_hook():
     assert keeper.kept_epochs(None) == [0, 2] and keeper.name == "keeper"
     assert contracts.bind("pab.stages", keeper) is keeper  # binding twice changes nothing
     assert keeper.run(None) == {}
+    for again in (copy.deepcopy(keeper), pickle.loads(pickle.dumps(keeper))):  # copied and pickled as the plugin it binds
+        assert type(again.plugin) is Keeper and again.plugin is not keeper.plugin
+        assert again.kept_epochs(None) == [0, 2] and again.data_splits(None) == ("train", "val") and again.name == "keeper"
 
 
 def test_a_pruner_passed_directly_gets_the_defaults():
