@@ -55,6 +55,10 @@ class TrainStage:
         """What must exist before the stage starts (pab_framework.datacheck)."""
         return ("train", "val")
 
+    def kept_epochs(self, params) -> list[int]:
+        """The epochs whose weights later stages may start from (`keep_weights`)."""
+        return list(params.keep_weights)
+
     def key(self, view) -> dict:
         """The result depends on the whole model and data sections (batch sizes included), the
         seed, this stage's parameters, and the numerics of `runtime` (AMP, a per-rank batch)."""
