@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import pab_framework  # noqa: E402
 from pab_framework import artifacts, export  # noqa: E402
 from pab_framework.masking import keep_top, kept_count  # noqa: E402
-from pab_framework.spec import spec_from_dict  # noqa: E402
+from pab_framework.specification import spec_from_dict  # noqa: E402
 from pab_framework.yamlio import dump_yaml  # noqa: E402
 
 SHAPES = {"cifar_resnet18": ([3, 32, 32], 10, 32), "resnet50": ([3, 224, 224], 1000, 8)}  # input, classes, latency batch

@@ -43,7 +43,7 @@ from pab_framework.context import StageContext  # noqa: E402
 from pab_framework.modelutil import prunable_parameters  # noqa: E402
 from pab_framework.optim import OptimizerContext  # noqa: E402
 from pab_framework.pipeline import run_spec  # noqa: E402
-from pab_framework.spec import load_spec  # noqa: E402
+from pab_framework.specification import load_spec  # noqa: E402
 from pab_framework.yamlio import dump_yaml  # noqa: E402
 
 

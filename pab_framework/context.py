@@ -18,7 +18,7 @@ from .distributed import DistInfo
 from .errors import ArtifactError
 from .modelutil import apply_masks_, build_model, prunable_parameters
 from .progress import Reporter
-from .spec import ExperimentSpec, StageSpec
+from .specification import ExperimentSpec, StageSpec
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .data import DataInfo
 from .errors import ArtifactError, DataError, PabError, PluginError
 from .modelutil import apply_masks_, build_model
 from .registry import registry
-from .spec import DataCall, ModelCall, PluginCall
+from .specification import DataCall, ModelCall, PluginCall
 
 GROUP = "pab.exporters"
 RECIPE_VERSION = 1

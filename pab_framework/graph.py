@@ -4,7 +4,7 @@ from __future__ import annotations
 from .dag import topological_order
 from .hashing import digest
 from .keys import ARTIFACT_FORMAT, stage_material
-from .spec import ExperimentSpec
+from .specification import ExperimentSpec
 
 __all__ = ["stage_keys", "stage_order", "topological_order"]
 

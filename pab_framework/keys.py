@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from .hashing import file_digest
-from .spec import ExperimentSpec, PluginCall, Source
+from .specification import ExperimentSpec, PluginCall, Source
 
 # Bump when the meaning of a stage's artifacts changes, so old caches are not reused.
 ARTIFACT_FORMAT = 2

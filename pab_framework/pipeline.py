@@ -16,7 +16,7 @@ from .context import DistInfo, StageContext, Upstream
 from .graph import stage_keys, topological_order
 from .metrics import finite_figures
 from .progress import Reporter
-from .spec import ExperimentSpec
+from .specification import ExperimentSpec
 from .yamlio import dump_yaml
 
 try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .registry import Registry, registry as default_registry
-from .spec import DataCall, ExperimentSpec, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec, TransformCall
+from .specification import DataCall, ExperimentSpec, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec, TransformCall
 
 CALLS: list[type[PluginCall]] = [ModelCall, DataCall, PrunerCall, OptimizerCall, QuantizerCall, TransformCall]
 REF = "#/$defs/{model}"

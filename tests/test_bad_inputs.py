@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_SPEC
 
 from pab_framework.cli import app
 from pab_framework.errors import SpecError
-from pab_framework.spec import spec_from_dict
+from pab_framework.specification import spec_from_dict
 from pab_framework.yamlio import load_yaml_text
 
 T = TINY_SPEC

@@ -367,7 +367,7 @@ def test_bad_parameters_are_refused():
 def test_train_stage_writes_flip_statistics(tmp_path, write_spec):
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     text = TINY_SPEC.replace("epochs: 2", "epochs: 3").replace(
         "optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}",

@@ -26,7 +26,7 @@ from conftest import CONFIGS, ROOT
 from pab_framework import artifacts
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

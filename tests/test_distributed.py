@@ -19,7 +19,7 @@ from pab_framework.data import Batches
 from pab_framework.distributed import DistInfo
 from pab_framework.errors import PabError, SpecError
 from pab_framework.pipeline import run_spec
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 
 # the quickstart's shape (SynFlow, then Bop with SGD for the rest) on a model small enough for CI;
 # no BatchNorm, so one process and two see exactly the same global batches and gradients

@@ -14,7 +14,7 @@ from pab_framework.errors import TrainingError
 from pab_framework.graph import stage_keys
 from pab_framework.masks import MaskState
 from pab_framework.metrics import MetricsSink
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 
 PSG_SPEC = TINY_SPEC.replace("    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}\n",
                              "    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}\n    quantizer: {name: psg}\n")

@@ -15,7 +15,7 @@ from pab_framework import export
 from pab_framework.errors import ArtifactError, PabError
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 from plugins.exporters import container
 
 # Every kind of stage a study leaves: PaB (prune + Bop), edge-popup (frozen init, found masks),

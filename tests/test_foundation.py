@@ -11,7 +11,7 @@ from conftest import TINY_SPEC
 from pab_framework import artifacts
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 
 runner = CliRunner()
 

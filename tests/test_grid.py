@@ -265,7 +265,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
 def _race(spec_path: str, barrier, queue) -> None:
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     spec = load_spec(spec_path)
     barrier.wait()
@@ -338,7 +338,7 @@ def test_ablation_pruners_config_expands_to_the_seed_comparison():
     assert len(combos) == 45
     assert {c["stages.prune.pruner.name"] for c in combos} == {"synflow", "snip", "grasp", "magnitude", "random"}
     assert all(c["stages.prune.pruner.iterations"] == (100 if c["stages.prune.pruner.name"] == "synflow" else 1) for c in combos)
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     base = load_spec(ROOT / "configs" / "cifar10_r18_pab.yaml")  # the seed's recipe validates
     train = base.stages["train"].params

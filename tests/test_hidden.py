@@ -17,7 +17,7 @@ from pab_framework.errors import SpecError
 from pab_framework.masking import kept_count
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 from pab_framework.transforms import TransformContext
 from plugins.transforms.edge_popup import EdgePopup
 

@@ -14,7 +14,7 @@ from conftest import TINY_SPEC
 
 def _run(tmp_path, loggers: str):
     from pab_framework.pipeline import run_spec
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(TINY_SPEC.replace("progress: plain", f"progress: none, loggers: {loggers}"))
@@ -26,7 +26,7 @@ def _scalars(row):
 
 
 def test_default_is_jsonl_only(write_spec):
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     assert load_spec(write_spec(TINY_SPEC)).runtime.loggers == ["jsonl"]
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pab_framework.cli import app
 from pab_framework.datacheck import check_data, stage_splits
 from pab_framework.errors import DataError, SpecError
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 
 CIFAR = """\
 name: cif

@@ -22,7 +22,7 @@ from pab_framework.errors import PabError
 from pab_framework.masking import kept_count
 from pab_framework.modelutil import prunable_parameters
 from pab_framework.progress import Reporter
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 from pab_framework.yamlio import load_yaml_file
 from plugins.pruners.saliency import SNIP, GraSP
 from plugins.stages.prune import pruning_batches

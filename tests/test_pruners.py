@@ -250,7 +250,7 @@ def test_prune_stage_options_end_to_end(tmp_path, write_spec):
 
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
     from tests.conftest import TINY_SPEC
 
     base = TINY_SPEC.replace("epochs: 2", "epochs: 1")

@@ -476,7 +476,7 @@ def test_quickstart_is_full_pab_and_reaches_95_percent(tmp_path):
     """configs/quickstart.yaml: SynFlow + Bop + PSG on the digits, as shipped."""
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
     from tests.conftest import CONFIGS
 
     spec = load_spec(CONFIGS / "quickstart.yaml", [f"runtime.output_dir={tmp_path}", "runtime.device=cpu"])
@@ -501,7 +501,7 @@ def test_imagenet_recipe_trains_in_bf16_on_a_tiny_image_folder(tmp_path):
 
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
     from tests.conftest import CONFIGS
 
     root = _image_folder(tmp_path / "imagenet", classes=2, train=4, val=1, size=36)

@@ -79,7 +79,7 @@ def kv(table: list[list[str]]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from pab_framework.pipeline import run_spec
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     d = tmp_path_factory.mktemp("report")
     spec = d / "spec.yaml"

@@ -174,7 +174,7 @@ def run_in_process(spec: Path, **kw) -> str:
 
     from pab_framework.pipeline import run_spec
     from pab_framework.progress import Reporter
-    from pab_framework.spec import load_spec
+    from pab_framework.specification import load_spec
 
     buf = io.StringIO()
     run_spec(load_spec(spec), reporter=Reporter(Console(file=buf, width=200), mode="plain"), **kw)

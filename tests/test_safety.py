@@ -23,7 +23,7 @@ from pab_framework.cli import app
 from pab_framework import artifacts, checkpoint
 from pab_framework.errors import ArtifactError
 from pab_framework.pipeline import plan
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 
 DENSE = """\
 name: dense

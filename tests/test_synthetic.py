@@ -14,7 +14,7 @@ from pab_framework.errors import SpecError
 from pab_framework.graph import stage_keys
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
-from pab_framework.spec import load_spec
+from pab_framework.specification import load_spec
 from plugins.datasets.synthetic import Synthetic
 
 SPEC = """\

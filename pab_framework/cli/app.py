@@ -29,7 +29,7 @@ def _version(value: bool) -> None:
     import torch  # heavy: torch, and below the spec's models (--help stays fast)
 
     from ..distributed import DistInfo, pick_device
-    from ..spec import RuntimeSpec
+    from ..specification import RuntimeSpec
 
     try:
         mine = metadata.version("pab")

@@ -60,7 +60,7 @@ def run(
     earlier files intact.
     Under several processes the job's code is the failing rank's."""
     from .. import distributed  # heavy: torch
-    from ..spec import load_spec  # heavy: the spec's pydantic models
+    from ..specification import load_spec  # heavy: the spec's pydantic models
 
     try:
         s = load_spec(spec, set_ or [])  # a bad spec ends here, before any process starts
@@ -86,7 +86,7 @@ def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, debug: bo
     """Check SPEC (or a grid file, every run of it) without running it: exit 0 when valid, 2 with the problems otherwise."""
     from .. import grid as G  # heavy: torch (the grid package, the pipeline)
     from ..pipeline import prepare
-    from ..spec import load_spec
+    from ..specification import load_spec
 
     try:
         if G.looks_like_grid(spec):  # a grid file: validate every run it expands to

@@ -20,7 +20,7 @@ from .. import artifacts
 from ..errors import PabError
 from ..pipeline import run_spec
 from ..progress import Reporter
-from ..spec import spec_from_dict
+from ..specification import spec_from_dict
 from .gridfile import Grid, Run
 from .plan import StagePlan, check_runs_data, plan_grid, schedule
 from .results import write_results

@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import PabError, Problem, SpecError
-from ..spec import NAME_PATTERN, ExperimentSpec, parse_override, set_path, spec_from_dict
-from ..spec.problems import locate, problems_from_validation
+from ..specification import NAME_PATTERN, ExperimentSpec, parse_override, set_path, spec_from_dict
+from ..specification.problems import locate, problems_from_validation
 from ..yamlio import LoadedYaml, load_yaml_file
 from .model import GRID_KEYS, NAME_RULE, GridFile, SlurmOptions
 

@@ -10,8 +10,8 @@ from pydantic import BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from ..errors import PabError
-from ..spec import NAME_PATTERN, StrictModel
-from ..spec.problems import Found
+from ..specification import NAME_PATTERN, StrictModel
+from ..specification.problems import Found
 
 AXIS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")

@@ -19,7 +19,7 @@ from .. import artifacts, export
 from ..errors import PabError
 from ..formatting import human_bytes
 from ..modelutil import build_model, prunable_parameters
-from ..spec import spec_from_dict
+from ..specification import spec_from_dict
 from .page import Table
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from pab_framework.optim import OptimizerContext, TrainOptimizer
-from pab_framework.spec import OptimizerCall
+from pab_framework.specification import OptimizerCall
 
 from .bop_optim import Bop as BopOptimizer
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pab_framework import masking
 from pab_framework.errors import DataError
 from pab_framework.modelutil import apply_masks_, build_model, classifier_name, density_of, prunable_parameters
-from pab_framework.spec import PrunerCall
+from pab_framework.specification import PrunerCall
 
 
 class PruneStage:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pab_framework.callbacks import KeepWeights
 from pab_framework.masks import MaskState
 from pab_framework.modelutil import prunable_parameters
-from pab_framework.spec import OptimizerCall, QuantizerCall, TransformCall
+from pab_framework.specification import OptimizerCall, QuantizerCall, TransformCall
 from pab_framework.trainer import Trainer
 from pab_framework.transforms import TransformContext, apply_all
 
