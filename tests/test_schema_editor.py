@@ -37,7 +37,8 @@ def test_valid_specs_validate(validator):
     ((), ("bogus", 1)),                                        # unknown top-level key
     (("stages", "prune", "pruner"), ("densty", 0.3)),          # misspelled framework key
     (("stages", "train", "optimizer"), ("arr", 0.1)),          # misspelled plugin key
-    (("runtime",), ("loggers", ["wandb"])),                    # unknown logger
+    (("runtime",), ("loggers", ["wandbb"])),                   # unknown logger
+    (("runtime",), ("loggers", [{"name": "mlflow", "tracking_urii": "x"}])),  # misspelled logger key
     (("stages", "prune", "pruner"), ("density", 1.5)),         # out of range
     (("model",), ("name", "no_such_model")),                   # unknown plugin
 ])
