@@ -21,6 +21,7 @@ from ..errors import PabError
 from ..pipeline import run_spec
 from ..progress import Reporter
 from ..specification import spec_from_dict
+from ..tracking import Group
 from .gridfile import Grid, Run
 from .plan import StagePlan, check_runs_data, plan_grid, schedule
 from .results import write_results
@@ -42,7 +43,8 @@ def run_one(payload: dict) -> dict:
             if payload.get("threads"):
                 torch.set_num_threads(int(payload["threads"]))
             spec = spec_from_dict(payload["data"], source=payload["source"], base_dir=Path(payload["base_dir"]))
-            outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter)
+            group = Group(**payload["group"]) if payload.get("group") else None  # the grid, for the trackers
+            outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter, group=group)
             rec["stages"] = [
                 {"stage": o.stage_id, "kind": o.kind, "dir": str(o.dir), "reused": o.reused, "wall_s": float(o.result.get("wall_s", o.wall_s))}
                 for o in outcomes
@@ -103,6 +105,7 @@ def _payload(grid: Grid, run: Run, force: bool, threads: int | None) -> dict:
         "log": str(grid.dir / "logs" / f"run-{run.index:04d}.log"),
         "force": force,
         "threads": threads,
+        "group": {"name": grid.name, "axes": dict(run.varied), "label": run.label()},
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -87,11 +88,11 @@ class MLflow:
             logging.getLogger(name).setLevel(logging.WARNING)
         uri = _uri(params.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{scope.output_dir / 'mlflow.db'}",
                    scope.base_dir)
-        client = MlflowClient(tracking_uri=uri)
-        location = params.artifact_location
-        if location is None and uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        return _Conn(client, _experiment(client, params.experiment or scope.experiment, location))
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        location = params.artifact_location or ((db.parent / "mlartifacts").as_uri() if db is not None else None)
+        with _one_at_a_time(db):
+            client = MlflowClient(tracking_uri=uri)
+            return _Conn(client, _experiment(client, params.experiment or scope.experiment, location))
 
     def start(self, params, conn: _Conn, run) -> _Run:
         from mlflow.entities import Param  # optional: the mlflow extra
@@ -130,6 +131,25 @@ class MLflow:
 
     def run_id(self, params, handle: _Run) -> str:
         return handle.run_id
+
+
+@contextmanager
+def _one_at_a_time(db: Path | None):
+    """Around opening a SQLite store: one process at a time (the runs of a grid may open a new
+    store at the same moment, and each would set up its tables). An advisory lock on `<db>.lock`."""
+    try:
+        import fcntl  # POSIX: elsewhere, no lock
+    except ImportError:  # pragma: no cover
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _experiment(client, name: str, location: str | None) -> str:
