@@ -219,9 +219,9 @@ class SkipNonFinite(Callback):
 
 # --------------------------------------------------------------------------- signals
 class StopSignals(Callback):
-    """SIGTERM/SIGINT: every rank agrees on the step boundary to stop at and requests the stop
-    there; the Trainer then writes a checkpoint (unless one was just written there) and stops with
-    exit code 3."""
+    """SIGTERM/SIGINT/SIGUSR2 (`checkpoint.StopSignals`): every rank agrees on the step boundary to
+    stop at and requests the stop there; the Trainer then writes a checkpoint (unless one was just
+    written there) and stops with exit code 3."""
 
     def setup(self, trainer, stack) -> None:
         self.signals = stack.enter_context(checkpoint.StopSignals())

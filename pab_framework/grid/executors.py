@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from .. import artifacts
+from ..checkpoint import Interrupted
 from ..errors import PabError
 from ..pipeline import run_spec
 from ..progress import Reporter
@@ -25,7 +26,7 @@ from ..tracking import Group
 from .gridfile import Grid, Run
 from .plan import StagePlan, check_runs_data, plan_grid, schedule
 from .results import write_results
-from .slurm import _submitit, make_submitit_executor
+from .slurm import PreemptibleRun, _submitit, make_submitit_executor
 
 
 def run_one(payload: dict) -> dict:
@@ -53,6 +54,7 @@ def run_one(payload: dict) -> dict:
             rec["status"] = "ok"
         except PabError as e:
             rec["error"] = str(e)
+            rec["stopped"] = isinstance(e, Interrupted)  # by a signal, at a checkpoint (a SLURM job requeues itself)
             reporter.log(f"error: {e}")
         except Exception as e:  # a bug or a crash in a plugin: recorded, the other runs go on
             rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
@@ -199,7 +201,7 @@ def _run_submitit(grid: Grid, queue: list[Run], force: bool, record, cluster: st
     jobs = []
     with ex.batch():  # one array job on SLURM
         for run in queue:
-            jobs.append((run, ex.submit(run_one, _payload(grid, run, force, None))))
+            jobs.append((run, ex.submit(PreemptibleRun(run_one), _payload(grid, run, force, None))))
     if not wait:
         return [j.job_id for _, j in jobs]
     by_job = {id(j): run for run, j in jobs}
