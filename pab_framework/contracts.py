@@ -259,15 +259,12 @@ class LoggerPlugin(Plugin, Protocol):
         (the resolved spec as flattened key paths), `tags` (stage, kind, key, seed, grid axes).
         Returns the run's handle, which the other hooks receive."""
 
-    def log_epoch(self, params: BaseModel, handle: Any, epoch: int, scalars: dict[str, float]) -> None:
-        """One epoch's figures: every number of its metrics.jsonl line but `epoch`, at step
-        `epoch` (1-based). Each epoch comes once and in order, across resumes too."""
-
-    @optional
-    def log_layers(self, params: BaseModel, handle: Any, epoch: int, tables: dict[str, dict[str, dict[str, float]]]) -> None:
-        """One epoch's per-layer figures, `{table: {layer: {column: value}}}` (the epoch's lines
-        of each `<table>.jsonl`), right after its `log_epoch`. Default: not kept."""
-        return None
+    def log_epochs(self, params: BaseModel, handle: Any, epochs: list) -> None:
+        """The figures of one or more epochs that ended, each a `pab_framework.tracking.Epoch`:
+        `epoch` (1-based: the step), `scalars` (every number of its metrics.jsonl line) and
+        `layers` (its per-layer figures, `{table: {layer: {column: value}}}`). In order and each
+        epoch once, across resumes too; the epochs that end within the entry's `every_s` of the
+        last call come together in the next one."""
 
     @optional
     def log_artifacts(self, params: BaseModel, handle: Any, files: list[Path]) -> None:

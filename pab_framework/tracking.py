@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import queue
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +117,30 @@ def status_of(error: BaseException) -> str:
     return KILLED if isinstance(error, (Interrupted, KeyboardInterrupt, SystemExit)) else FAILED
 
 
+@dataclass(frozen=True)
+class Epoch:
+    """One epoch's figures, as a tracker's `log_epochs` gets them."""
+
+    epoch: int  # 1-based: the step
+    scalars: dict[str, float]  # every number of its metrics.jsonl line but `epoch`
+    layers: dict[str, dict[str, dict[str, float]]]  # its per-layer figures: {table: {layer: {column: value}}}
+
+
+@dataclass(frozen=True)
+class _Held:
+    """An epoch on its way to a tracker, and the stage whose trackers.json notes it once sent."""
+
+    stage: "_Stage"
+    epoch: Epoch
+
+
+_SEND = object()  # the worker's own: send what it holds
+
+
 class _Tracker:
-    """One entry of runtime.loggers, on a thread of its own that runs its hooks in order."""
+    """One entry of runtime.loggers, on a thread of its own that runs its hooks in order. Epochs
+    that end within `every_s` of the last sending are held and go together (a stage's end, or any
+    other hook, sends what is held first)."""
 
     def __init__(self, key: str, index: int, call: LoggerCall, warn: Callable[[str], None]):
         self.key, self.call, self.plugin, self.params = key, call, call.plugin, call.params
@@ -128,6 +152,7 @@ class _Tracker:
         self.conn: Any = None  # what connect returned
         self.handle: Any = None  # the stage's tracker run, once started
         self.through = 0  # the last epoch of the stage that it has (a re-run epoch is not sent twice)
+        self.sent_at = -math.inf  # when epochs last went to it (time.monotonic)
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._work, name=f"pab-tracker-{key}", daemon=True)
         self.thread.start()
@@ -136,17 +161,46 @@ class _Tracker:
         if not self.broken:
             self.jobs.put((what, fn, args))
 
+    def put_epoch(self, stage: "_Stage", epoch: Epoch) -> None:
+        if not self.broken:
+            self.jobs.put(_Held(stage, epoch))
+
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            what, fn, args = job
-            if self.broken and what:  # (a marker of `wait`, whose `what` is empty, always runs)
-                continue
+        held: list[_Held] = []
+        while True:
+            due = self.sent_at + self.call.every_s
             try:
-                fn(*args)
-            except Exception as e:  # third-party code: one warning, then the run goes on without it
-                self.broken = True
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                self.warn(f"{what} failed ({type(e).__name__}{': ' + first if first else ''}); the run goes on without it")
+                job = self.jobs.get(timeout=max(0.0, due - time.monotonic()) if held else None)
+            except queue.Empty:
+                job = _SEND
+            if isinstance(job, _Held):
+                held.append(job)
+                if time.monotonic() < due:
+                    continue
+                job = _SEND
+            if held:
+                n = [h.epoch.epoch for h in held]
+                self._do(f"logging epoch{f's {n[0]}-{n[-1]}' if len(n) > 1 else f' {n[0]}'}", self._send, held)
+                held = []
+            if job is None:
+                return
+            if job is not _SEND:
+                self._do(*job[:2], *job[2])
+
+    def _send(self, held: list[_Held]) -> None:
+        self.plugin.log_epochs(self.params, self.handle, [h.epoch for h in held])
+        self.sent_at = time.monotonic()
+        held[-1].stage.note(self.key, through=held[-1].epoch.epoch)
+
+    def _do(self, what: str, fn: Callable, *args) -> None:
+        if self.broken and what:  # (a marker of `wait`, whose `what` is empty, always runs)
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # third-party code: one warning, then the run goes on without it
+            self.broken = True
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            self.warn(f"{what} failed ({type(e).__name__}{': ' + first if first else ''}); the run goes on without it")
 
     def warn(self, message: str) -> None:
         if not self.warned:
@@ -235,17 +289,17 @@ class Trackers:
             t.put("starting its run", self._start, st, t, self._run(ctx, epochs, rec.get("run_id")))
             for row in done:
                 if row["epoch"] > t.through:
-                    t.put(f"logging epoch {row['epoch']}", self._log, st, t, row["epoch"], numbers(row), back.get(row["epoch"], {}))
+                    t.put_epoch(st, _epoch(row, back.get(row["epoch"], {})))
 
     def epoch(self, row: dict, tables: dict) -> None:
         """One epoch's metrics.jsonl line and per-layer figures, queued for every tracker."""
         st = self._stage
         if st is None or not st.started:
             return
-        n = row["epoch"]
+        epoch = _epoch(row, tables)
         for t in self.trackers:
-            if n > t.through:
-                t.put(f"logging epoch {n}", self._log, st, t, n, numbers(row), tables)
+            if epoch.epoch > t.through:
+                t.put_epoch(st, epoch)
 
     def flush(self) -> None:
         """Wait (each tracker `wait_s` at most) until the trackers have the stage's figures: before
@@ -264,13 +318,6 @@ class Trackers:
         t.handle = t.plugin.start(t.params, t.conn, run)
         rid = t.plugin.run_id(t.params, t.handle)
         st.note(t.key, name=t.call.name, run_id=rid, through=t.through if run.resume_id else 0)
-
-    def _log(self, st: _Stage, t: _Tracker, epoch: int, scalars: dict, tables: dict) -> None:
-        t.plugin.log_epoch(t.params, t.handle, epoch, scalars)
-        layers = {name: {layer: {k: v for k, v in cols.items() if v is not None} for layer, cols in rows.items()} for name, rows in tables.items()}
-        if any(layers.values()):
-            t.plugin.log_layers(t.params, t.handle, epoch, layers)
-        st.note(t.key, through=epoch)
 
     @staticmethod
     def _finish(t: _Tracker, status: str, files: list[Path]) -> None:
@@ -305,6 +352,12 @@ class Trackers:
     def close(self) -> None:
         for t in self.trackers:
             t.close()
+
+
+def _epoch(row: dict, tables: dict) -> Epoch:
+    """An epoch's metrics.jsonl line and per-layer tables as a tracker gets them (missing figures left out)."""
+    layers = {t: {layer: {k: v for k, v in cols.items() if v is not None} for layer, cols in rows.items()} for t, rows in tables.items()}
+    return Epoch(int(row["epoch"]), numbers(row), layers)
 
 
 def _tables_by_epoch(stage_dir: Path) -> dict[int, dict]:

@@ -233,8 +233,8 @@ class _Fails:
     def start(self, params, conn, run):
         return None
 
-    def log_epoch(self, params, handle, epoch, scalars):
-        self.calls.append(epoch)
+    def log_epochs(self, params, handle, epochs):
+        self.calls.append([e.epoch for e in epochs])
         raise ConnectionError("tracker down")
 
 
@@ -247,7 +247,7 @@ class _Hangs:
     def start(self, params, conn, run):
         return None
 
-    def log_epoch(self, params, handle, epoch, scalars):
+    def log_epochs(self, params, handle, epochs):
         self.release.wait(120)
 
 
@@ -262,14 +262,33 @@ class _Refuses:
     def start(self, params, conn, run):  # never called: it is left out after connect
         raise AssertionError("started after its connect failed")
 
-    def log_epoch(self, params, handle, epoch, scalars):
+    def log_epochs(self, params, handle, epochs):
         raise AssertionError("logged to after its connect failed")
+
+
+class _Records:
+    """A tracker that keeps what it gets, in memory (the handle is its own list)."""
+
+    Params = _Params
+
+    def start(self, params, conn, run):
+        return {"run": run, "sent": [], "status": None}
+
+    def log_epochs(self, params, handle, epochs):
+        handle["sent"].append(list(epochs))
+
+    def finish(self, params, handle, status):
+        handle["status"] = status
+        _Records.runs.append(handle)
+
+    runs: list = []
 
 
 @pytest.fixture
 def test_trackers(monkeypatch):
     entries, _ = R.registry()._load("pab.loggers")  # noqa: SLF001 - test-only trackers beside the installed ones
-    for name, cls in (("fails_test", _Fails), ("hangs_test", _Hangs), ("refuses_test", _Refuses)):
+    _Records.runs.clear()
+    for name, cls in (("fails_test", _Fails), ("hangs_test", _Hangs), ("refuses_test", _Refuses), ("records_test", _Records)):
         monkeypatch.setitem(entries, name, R.Entry(name, "pab.loggers", f"tests:{cls.__name__}", cls()))
     _Fails.calls.clear()
     _Hangs.release.clear()
@@ -294,7 +313,25 @@ def test_a_tracker_that_fails_hangs_or_is_unreachable_costs_the_run_nothing(tmp_
     assert any("refuses_test (runtime.loggers[3]): connecting failed (PermissionError: no token)" in w for w in warnings)
     assert any("mlflow (runtime.loggers[4]): connecting failed" in w for w in warnings)
     assert all("metrics.jsonl keeps every figure" in w for w in warnings)
-    assert _Fails.calls == [1]  # left out after its first error
+    assert _Fails.calls == [[1]]  # left out after its first error
+
+
+def test_epochs_that_end_within_every_s_go_together(tmp_path, test_trackers):
+    spec = _spec(tmp_path, "[{name: records_test, every_s: 0}, {name: records_test, every_s: 600}]", epochs=3)
+    run_spec(load_spec(spec))
+    each, held = _Records.runs
+    assert [[e.epoch for e in batch] for batch in each["sent"]] == [[1], [2], [3]]
+    assert [[e.epoch for e in batch] for batch in held["sent"]] == [[1], [2, 3]]  # the first at once; the rest at the stage's end
+    assert each["status"] == held["status"] == "FINISHED"
+    d = _train_dir(tmp_path)
+    rows, flips = artifacts.read_jsonl(d / "metrics.jsonl"), artifacts.read_jsonl(d / "flips.jsonl")
+    for batch in held["sent"]:
+        for e in batch:
+            assert e.scalars == numbers(rows[e.epoch - 1])
+            assert e.layers["flips"] == {f["layer"]: {k: v for k, v in f.items() if k not in ("epoch", "layer")} for f in flips if f["epoch"] == e.epoch}
+    assert held["run"].tags["pab.kind"] == "train" and held["run"].epochs == 3 and held["run"].resume_id is None
+    assert artifacts.read_json(d / "trackers.json") == {"records_test": {"name": "records_test", "run_id": None, "through": 3},
+                                                         "records_test#2": {"name": "records_test", "run_id": None, "through": 3}}
 
 
 def test_a_logger_without_its_package_is_refused_with_the_install_command(write_spec, monkeypatch):
@@ -322,5 +359,5 @@ def test_runtime_loggers_take_names_and_mappings(write_spec):
     jsonl, csv_, mlf = s.runtime.loggers
     assert jsonl == "jsonl" and isinstance(csv_, LoggerCall) and csv_.name == "csv"
     assert mlf.plugin.name == "mlflow" and mlf.params.experiment == "x" and mlf.wait_s == 5
-    assert s.resolved_dict()["runtime"]["loggers"][2] == {"name": "mlflow", "wait_s": 5.0, "tracking_uri": None, "experiment": "x",
-                                                           "artifact_location": None}
+    assert s.resolved_dict()["runtime"]["loggers"][2] == {"name": "mlflow", "every_s": 10.0, "wait_s": 5.0, "tracking_uri": None,
+                                                           "experiment": "x", "artifact_location": None}

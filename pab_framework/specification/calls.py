@@ -188,6 +188,10 @@ class LoggerCall(PluginCall):
 
     group: ClassVar[str] = "pab.loggers"
     bare_name: ClassVar[bool] = True
+    every_s: float = Field(
+        10.0, ge=0, le=86_400,
+        description="Figures go to this tracker at most every this many seconds: the epochs that end meanwhile go together "
+        "(fewer, larger requests when epochs are short); 0: each epoch as it ends. A stage's last epochs go before it completes.")
     wait_s: float = Field(
         60.0, gt=0, le=86_400,
         description="How long the run waits for this tracker where it must (to reach it before the first stage; its last figures, "

@@ -32,9 +32,10 @@ class _CsvFile:
             for r in self.rows:
                 r["epoch"] = int(r["epoch"])
 
-    def log(self, epoch: int, scalars: dict) -> None:
-        self.rows = [r for r in self.rows if r["epoch"] < epoch]  # an epoch sent again replaces the older rows from there on
-        self.rows.append({"epoch": epoch, **scalars})
+    def log(self, epochs: list) -> None:
+        for e in epochs:
+            self.rows = [r for r in self.rows if r["epoch"] < e.epoch]  # an epoch sent again replaces the older rows from there on
+            self.rows.append({"epoch": e.epoch, **e.scalars})
         cols: list[str] = []
         for r in self.rows:
             cols += [k for k in r if k not in cols]
@@ -56,8 +57,8 @@ class Csv:
     def start(self, params, conn, run) -> _CsvFile:
         return _CsvFile(Path(run.dir) / "metrics.csv")
 
-    def log_epoch(self, params, handle: _CsvFile, epoch: int, scalars: dict) -> None:
-        handle.log(epoch, scalars)
+    def log_epochs(self, params, handle: _CsvFile, epochs: list) -> None:
+        handle.log(epochs)
 
     def run_id(self, params, handle: _CsvFile) -> str:
         return handle.path.name  # the same file goes on after a resume
@@ -81,9 +82,10 @@ class TensorBoard:
             raise PabError(f"the tensorboard logger cannot start ({e}); {TENSORBOARD_HINT}") from None
         return SummaryWriter(log_dir=str(Path(run.dir) / "tb"))
 
-    def log_epoch(self, params, writer, epoch: int, scalars: dict) -> None:
-        for k, v in scalars.items():
-            writer.add_scalar(k, v, epoch)
+    def log_epochs(self, params, writer, epochs: list) -> None:
+        for e in epochs:
+            for k, v in e.scalars.items():
+                writer.add_scalar(k, v, e.epoch)
         writer.flush()
 
     def finish(self, params, writer, status: str) -> None:

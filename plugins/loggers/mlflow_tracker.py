@@ -107,18 +107,13 @@ class MLflow:
             c.log_batch(rid, params=chunk)
         return _Run(c, rid)
 
-    def log_epoch(self, params, handle: _Run, epoch: int, scalars: dict) -> None:
-        self._metrics(handle, epoch, scalars)
-
-    def log_layers(self, params, handle: _Run, epoch: int, tables: dict) -> None:
-        self._metrics(handle, epoch, {f"{t}/{layer}/{k}": v for t, rows in tables.items() for layer, cols in rows.items() for k, v in cols.items()})
-
-    @staticmethod
-    def _metrics(handle: _Run, epoch: int, values: dict) -> None:
+    def log_epochs(self, params, handle: _Run, epochs: list) -> None:
         from mlflow.entities import Metric  # optional: the mlflow extra
 
         now = int(time.time() * 1000)
-        metrics = [Metric(_key(k), float(v), now, epoch) for k, v in values.items()]
+        metrics = [Metric(_key(k), float(v), now, e.epoch) for e in epochs for k, v in e.scalars.items()]
+        metrics += [Metric(_key(f"{t}/{layer}/{k}"), float(v), now, e.epoch)
+                    for e in epochs for t, rows in e.layers.items() for layer, cols in rows.items() for k, v in cols.items()]
         for chunk in _chunks(metrics, _BATCH["metrics"]):
             handle.client.log_batch(handle.run_id, metrics=chunk)
 

@@ -62,11 +62,10 @@ class WandB:
                           tags=[t[:_TAG] for t in tags], id=run.resume_id, resume="allow" if run.resume_id else None,
                           reinit="create_new", settings=settings)
 
-    def log_epoch(self, params, r, epoch: int, scalars: dict) -> None:
-        r.log(dict(scalars), step=epoch)
-
-    def log_layers(self, params, r, epoch: int, tables: dict) -> None:
-        r.log({f"{t}/{layer}/{k}": v for t, rows in tables.items() for layer, cols in rows.items() for k, v in cols.items()}, step=epoch)
+    def log_epochs(self, params, r, epochs: list) -> None:
+        for e in epochs:
+            layers = {f"{t}/{layer}/{k}": v for t, rows in e.layers.items() for layer, cols in rows.items() for k, v in cols.items()}
+            r.log({**e.scalars, **layers}, step=e.epoch)
 
     def log_artifacts(self, params, r, files: list) -> None:
         for f in files:  # copied into the run's own files (W&B would link them), then saved with it
