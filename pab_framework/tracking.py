@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import queue
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +31,9 @@ from . import artifacts
 from .checkpoint import Interrupted
 from .metrics import table_files
 from .specification import LoggerCall
+from .tracker_thread import TrackerThread
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import StageContext
     from .distributed import DistInfo
     from .progress import Reporter
     from .specification import ExperimentSpec
@@ -126,103 +123,6 @@ class Epoch:
     layers: dict[str, dict[str, dict[str, float]]]  # its per-layer figures: {table: {layer: {column: value}}}
 
 
-@dataclass(frozen=True)
-class _Held:
-    """An epoch on its way to a tracker, and the stage whose trackers.json notes it once sent."""
-
-    stage: "_Stage"
-    epoch: Epoch
-
-
-_SEND = object()  # the worker's own: send what it holds
-
-
-class _Tracker:
-    """One entry of runtime.loggers, on a thread of its own that runs its hooks in order. Epochs
-    that end within `every_s` of the last sending are held and go together (a stage's end, or any
-    other hook, sends what is held first)."""
-
-    def __init__(self, key: str, index: int, call: LoggerCall, warn: Callable[[str], None]):
-        self.key, self.call, self.plugin, self.params = key, call, call.plugin, call.params
-        self.where = f"tracker {call.name} (runtime.loggers[{index}])"
-        self._warn = warn
-        self.warned = False
-        self.broken = False  # a hook raised: left out from then on
-        self.late = False  # did not catch up in time once: not waited for again
-        self.conn: Any = None  # what connect returned
-        self.handle: Any = None  # the stage's tracker run, once started
-        self.through = 0  # the last epoch of the stage that it has (a re-run epoch is not sent twice)
-        self.sent_at = -math.inf  # when epochs last went to it (time.monotonic)
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._work, name=f"pab-tracker-{key}", daemon=True)
-        self.thread.start()
-
-    def put(self, what: str, fn: Callable, *args) -> None:
-        if not self.broken:
-            self.jobs.put((what, fn, args))
-
-    def put_epoch(self, stage: "_Stage", epoch: Epoch) -> None:
-        if not self.broken:
-            self.jobs.put(_Held(stage, epoch))
-
-    def _work(self) -> None:
-        held: list[_Held] = []
-        while True:
-            due = self.sent_at + self.call.every_s
-            try:
-                job = self.jobs.get(timeout=max(0.0, due - time.monotonic()) if held else None)
-            except queue.Empty:
-                job = _SEND
-            if isinstance(job, _Held):
-                held.append(job)
-                if time.monotonic() < due:
-                    continue
-                job = _SEND
-            if held:
-                n = [h.epoch.epoch for h in held]
-                self._do(f"logging epoch{f's {n[0]}-{n[-1]}' if len(n) > 1 else f' {n[0]}'}", self._send, held)
-                held = []
-            if job is None:
-                return
-            if job is not _SEND:
-                self._do(*job[:2], *job[2])
-
-    def _send(self, held: list[_Held]) -> None:
-        self.plugin.log_epochs(self.params, self.handle, [h.epoch for h in held])
-        self.sent_at = time.monotonic()
-        held[-1].stage.note(self.key, through=held[-1].epoch.epoch)
-
-    def _do(self, what: str, fn: Callable, *args) -> None:
-        if self.broken and what:  # (a marker of `wait`, whose `what` is empty, always runs)
-            return
-        try:
-            fn(*args)
-        except Exception as e:  # third-party code: one warning, then the run goes on without it
-            self.broken = True
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            self.warn(f"{what} failed ({type(e).__name__}{': ' + first if first else ''}); the run goes on without it")
-
-    def warn(self, message: str) -> None:
-        if not self.warned:
-            self.warned = True
-            self._warn(f"{self.where}: {message} (metrics.jsonl keeps every figure)")
-
-    def wait(self, doing: str) -> None:
-        """Until the work queued so far is done, `wait_s` at most; past that, one warning and no more waiting."""
-        if self.late or not self.thread.is_alive():
-            return
-        done = threading.Event()
-        self.jobs.put(("", done.set, ()))
-        if not done.wait(self.call.wait_s):
-            self.late = True
-            self.warn(f"still {doing} after {self.call.wait_s:g} s (its wait_s); the run goes on without waiting for it")
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        if not self.late:
-            self.thread.join(self.call.wait_s)
-
-
 def _keys(calls: list[LoggerCall]) -> list[str]:
     """Each tracker's name in trackers.json: its plugin name, `name#2` for the second of a name."""
     seen: dict[str, int] = {}
@@ -237,7 +137,7 @@ def _keys(calls: list[LoggerCall]) -> list[str]:
 class _Stage:
     """The stage whose tracker runs are open: its context, what trackers.json held when it resumed."""
 
-    ctx: "StageContext"
+    ctx: Any  # the stage's StageContext (which holds these Trackers)
     record: dict
     lock: threading.Lock = field(default_factory=threading.Lock)  # trackers.json: written from the trackers' threads
     started: bool = False
@@ -252,13 +152,13 @@ class _Stage:
 class Trackers:
     """The trackers of one run of a spec (module docstring); with none, every method does nothing."""
 
-    def __init__(self, trackers: list[_Tracker] = (), scope: TrackerScope | None = None, group: Group | None = None):
+    def __init__(self, trackers: list[TrackerThread] = (), scope: TrackerScope | None = None, group: Group | None = None):
         self.trackers, self.scope, self.group = list(trackers), scope, group
         self._stage: _Stage | None = None
 
     # ------------------------------------------------------------------ a stage
     @contextmanager
-    def stage(self, ctx: "StageContext", resumed: bool) -> Iterator[None]:
+    def stage(self, ctx: Any, resumed: bool) -> Iterator[None]:
         """While a stage is computed. Its tracker runs (if its Trainer starts them) continue those
         of trackers.json when the stage `resumed` from a checkpoint; `complete` ends them, and an
         error that ends the stage ends them FAILED or KILLED."""
@@ -275,7 +175,7 @@ class Trackers:
         finally:
             self._stage = None
 
-    def start(self, ctx: "StageContext", epochs: int, done: list[dict]) -> None:
+    def start(self, ctx: Any, epochs: int, done: list[dict]) -> None:
         """Start the stage's tracker runs (once; later calls do nothing). `done`: the metrics rows
         of the epochs an interrupted session completed; those a tracker lacks are sent now."""
         st = self._stage
@@ -314,13 +214,13 @@ class Trackers:
             self._end(self._stage, FINISHED, [f for f in files if f.is_file()])
 
     # ------------------------------------------------------------------ on the trackers' threads
-    def _start(self, st: _Stage, t: _Tracker, run: TrackedRun) -> None:
+    def _start(self, st: _Stage, t: TrackerThread, run: TrackedRun) -> None:
         t.handle = t.plugin.start(t.params, t.conn, run)
         rid = t.plugin.run_id(t.params, t.handle)
         st.note(t.key, name=t.call.name, run_id=rid, through=t.through if run.resume_id else 0)
 
     @staticmethod
-    def _finish(t: _Tracker, status: str, files: list[Path]) -> None:
+    def _finish(t: TrackerThread, status: str, files: list[Path]) -> None:
         try:
             if files:
                 t.plugin.log_artifacts(t.params, t.handle, files)
@@ -336,7 +236,7 @@ class Trackers:
         for t in self.trackers:
             t.wait(f"ending its run ({status})")
 
-    def _run(self, ctx: "StageContext", epochs: int, resume_id: str | None) -> TrackedRun:
+    def _run(self, ctx: Any, epochs: int, resume_id: str | None) -> TrackedRun:
         spec = ctx.spec.resolved_dict()
         g, scope = self.group, self.scope
         tags = {"pab.experiment": ctx.spec.name, "pab.stage": ctx.stage_id, "pab.kind": ctx.stage.kind, "pab.key": ctx.key,
@@ -385,7 +285,7 @@ def open_trackers(spec: "ExperimentSpec", dist: "DistInfo", reporter: "Reporter"
                          group.name if group else None)
     warn = lambda m: reporter.log(f"[yellow]warning[/]: {m}")  # noqa: E731
     indices = [i for i, c in enumerate(spec.runtime.loggers) if isinstance(c, LoggerCall)]
-    trackers = Trackers([_Tracker(k, i, c, warn) for k, i, c in zip(_keys(calls), indices, calls)], scope, group)
+    trackers = Trackers([TrackerThread(k, i, c, warn) for k, i, c in zip(_keys(calls), indices, calls)], scope, group)
     for t in trackers.trackers:
         t.put("connecting", _connect, t, scope)
     for t in trackers.trackers:
@@ -396,5 +296,5 @@ def open_trackers(spec: "ExperimentSpec", dist: "DistInfo", reporter: "Reporter"
         trackers.close()
 
 
-def _connect(t: _Tracker, scope: TrackerScope) -> None:
+def _connect(t: TrackerThread, scope: TrackerScope) -> None:
     t.conn = t.plugin.connect(t.params, scope)

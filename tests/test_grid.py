@@ -305,16 +305,17 @@ def test_submitit_local_executor_runs_the_grid(tmp_path, monkeypatch):
     assert len(list((tmp_path / "runs" / "tiny").glob("prune-*/result.json"))) == 2
 
 
-def test_a_preempted_slurm_run_checkpoints_is_requeued_and_resumes(tmp_path, monkeypatch):
-    """submitit's local executor as the cluster: SIGUSR2 (SLURM's warning ahead of a time limit or a
-    pre-emption) reaches the job mid-epoch; pab writes its checkpoint and stops, the job hands the
-    signal to submitit, which requeues it through the run's checkpoint(); the requeued job resumes
-    and ends with bitwise the weights of an uninterrupted run."""
+@pytest.mark.parametrize("signame", ["SIGUSR2", "SIGTERM"])
+def test_a_preempted_slurm_run_checkpoints_is_requeued_and_resumes(tmp_path, monkeypatch, signame):
+    """submitit's local executor as the cluster: SIGUSR2 (SLURM's warning ahead of a time limit) or
+    SIGTERM (a pre-emption) reaches the job mid-epoch; pab writes its checkpoint and stops, the job
+    hands SIGUSR2 to submitit, which requeues it through the run's checkpoint(); the requeued job
+    resumes and ends with bitwise the weights of an uninterrupted run."""
     from pab_framework.pipeline import run_spec
     from pab_framework.specification import load_spec
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(HOOKS), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("PAB_TEST_SIGNAL", "0:step:18:SIGUSR2")  # epoch 2, step 6 of 12
+    monkeypatch.setenv("PAB_TEST_SIGNAL", f"0:step:18:{signame}")  # epoch 2, step 6 of 12
     monkeypatch.setenv("PAB_TEST_ONCE", str(tmp_path / "preempted"))  # once: the requeued job runs through
     spec = TINY_SPEC.replace("epochs: 2", "epochs: 3")
     p = _write(tmp_path, "base: spec.yaml\ngrid: {seed: [0]}\nslurm: {time: 10}\n", spec)
@@ -322,7 +323,7 @@ def test_a_preempted_slurm_run_checkpoints_is_requeued_and_resumes(tmp_path, mon
     assert not out.failed, out.records
     assert (tmp_path / "preempted").is_file()  # the signal was sent
     log = (tmp_path / "runs" / "grid" / "logs" / "run-0001.log").read_text()
-    assert "SIGUSR2 at epoch 2, step 6; checkpoint written" in log  # the first job
+    assert f"{signame} at epoch 2, step 6; checkpoint written" in log  # the first job
     assert "resuming train (train) from" in log and "at epoch 2, step 6/12" in log  # the requeued one
     job_out = "".join(f.read_text() for f in (tmp_path / "runs" / "grid" / "slurm").rglob("*_log.out"))
     assert "Requeued job" in job_out, job_out[-2000:]  # through submitit's own protocol

@@ -89,12 +89,13 @@ class PreemptibleRun:
     through submitit's checkpointing protocol.
 
     SLURM warns a job with a signal: SIGUSR2 ahead of the time limit (submitit's sbatch asks for
-    `--signal=USR2@90`) and, on pre-emption, SIGTERM then SIGUSR2. In training, pab takes either:
-    it writes a checkpoint at the next step and the run stops (exit code 3's Interrupted, which
-    `run` records as `stopped`). The job then hands the signal on to submitit, whose handler asks
-    `checkpoint()` for the same run (a `DelayedSubmission`) and requeues the job; the requeued job
-    runs the grid run again, which resumes from pab's checkpoint. A signal outside training goes
-    to submitit at once (a stage without checkpoints starts again)."""
+    `--signal=USR2@90`), SIGTERM on a pre-emption (submitit expects SIGUSR2 after it). In
+    training, pab takes either: it writes a checkpoint at the next step and the run stops (exit
+    code 3's Interrupted, which `run` records as `stopped`). The job then hands SIGUSR2 on to
+    submitit, whose handler asks `checkpoint()` for the same run (a `DelayedSubmission`) and
+    requeues the job; the requeued job runs the grid run again, which resumes from pab's
+    checkpoint. SIGUSR2 outside training goes to submitit at once (a stage without checkpoints
+    starts again)."""
 
     def __init__(self, run: Callable[[dict], dict]):
         self.run = run  # (payload) -> the run's record
