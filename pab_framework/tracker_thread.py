@@ -86,7 +86,7 @@ class TrackerThread:
             return
         try:
             fn(*args)
-        except Exception as e:  # third-party code: one warning, then the run goes on without it
+        except BaseException as e:  # third-party code: one warning, then the run goes on without it (no Ctrl-C reaches this thread)
             self.broken = True
             first = (str(e).strip().splitlines() or [""])[0][:300]
             self.warn(f"{what} failed ({type(e).__name__}{': ' + first if first else ''}); the run goes on without it")

@@ -31,6 +31,9 @@ def errors(v, doc):
 def test_valid_specs_validate(validator):
     assert errors(validator, yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())) == []
     assert errors(validator, yaml.safe_load(TINY_SPEC)) == []
+    # trackers by name alone or with their parameters
+    trackers = yaml.safe_load(TINY_SPEC.replace("progress: plain", "progress: plain, loggers: [jsonl, csv, {name: mlflow, tracking_uri: 'sqlite:///m.db', every_s: 0}]"))
+    assert errors(validator, trackers) == []
 
 
 @pytest.mark.parametrize("path,value", [

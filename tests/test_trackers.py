@@ -90,6 +90,20 @@ def test_mlflow_holds_the_stage_spec_figures_files_and_status(tmp_path):
     assert artifacts.read_json(d / "trackers.json") == {"mlflow": {"name": "mlflow", "run_id": rid, "through": 2}}
 
 
+def test_mlflow_store_by_default_beside_the_runs_or_where_mlflow_tracking_uri_says(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = _spec(tmp_path, "[mlflow]", epochs=1)
+    run_spec(load_spec(spec))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")  # runtime.output_dir's
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    run_spec(load_spec(spec), force=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FINISHED"
+
+
 def test_a_stopped_then_failed_stage_resumes_its_mlflow_run_with_no_epoch_twice(tmp_path, monkeypatch):
     db = tmp_path / "m.db"
     spec = _spec(tmp_path, f"[{{name: mlflow, tracking_uri: 'sqlite:///{db}'}}]", epochs=3)
@@ -298,20 +312,25 @@ def test_trackers(monkeypatch):
 
 def test_a_tracker_that_fails_hangs_or_is_unreachable_costs_the_run_nothing(tmp_path, monkeypatch, test_trackers):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    # a server that is not there (nothing listens on the discard port here), beside three test trackers
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # not logged in to W&B
+    # a server that is not there (nothing listens on the discard port here), W&B online without
+    # credentials, beside three test trackers
     spec = _spec(tmp_path, "[jsonl, fails_test, {name: hangs_test, wait_s: 0.5}, refuses_test, "
-                           "{name: mlflow, tracking_uri: 'http://127.0.0.1:9', wait_s: 20}]", epochs=3)
+                           "{name: mlflow, tracking_uri: 'http://127.0.0.1:9', wait_s: 20}, {name: wandb, mode: online}]", epochs=3)
     reporter, out = _reporter()
     outcomes = {o.stage_id: o for o in run_spec(load_spec(spec), reporter=reporter)}
     d = outcomes["train"].dir
     assert (d / "result.json").is_file() and [r["epoch"] for r in artifacts.read_jsonl(d / "metrics.jsonl")] == [1, 2, 3]
     text = out.getvalue()
     warnings = [line for line in text.splitlines() if line.startswith("warning: tracker")]
-    assert len(warnings) == 4, text  # one each, however many epochs and stages followed
+    assert len(warnings) == 5, text  # one each, however many epochs and stages followed
     assert any("fails_test (runtime.loggers[1]): logging epoch 1 failed (ConnectionError: tracker down)" in w for w in warnings)
     assert any("hangs_test (runtime.loggers[2]): still logging after 0.5 s" in w for w in warnings)
     assert any("refuses_test (runtime.loggers[3]): connecting failed (PermissionError: no token)" in w for w in warnings)
     assert any("mlflow (runtime.loggers[4]): connecting failed" in w for w in warnings)
+    assert any("wandb (runtime.loggers[5]): connecting failed (RuntimeError: not logged in to W&B: run `wandb login`" in w for w in warnings)
     assert all("metrics.jsonl keeps every figure" in w for w in warnings)
     assert _Fails.calls == [[1]]  # left out after its first error
 
@@ -350,6 +369,17 @@ def test_a_logger_without_its_package_is_refused_with_the_install_command(write_
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 2 and f"{path}:14" in r.output
     assert "runtime.loggers[0].tracking_urii: unknown key 'tracking_urii'; did you mean 'tracking_uri'" in r.output
+
+
+def test_pab_plugins_lists_the_trackers():
+    from pab_framework.cli import app
+
+    r = CliRunner().invoke(app, ["plugins"], terminal_width=300)
+    assert r.exit_code == 0, r.output
+    rows = [line for line in r.output.splitlines() if "│ logger" in line]
+    for name, target in (("csv", "plugins.loggers.files:Csv"), ("tensorboard", "plugins.loggers.files:TensorBoard"),
+                         ("mlflow", "plugins.loggers.mlflow_tracker:MLflow"), ("wandb", "plugins.loggers.wandb_tracker:WandB")):
+        assert any(f" {name} " in row and target in row and "ok" in row for row in rows), (name, rows)
 
 
 def test_runtime_loggers_take_names_and_mappings(write_spec):

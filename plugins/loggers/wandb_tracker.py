@@ -5,6 +5,7 @@ spec.yaml, model.pt and result.json saved with it, and the status the stage ende
 `pip install 'pab[wandb]'`; `mode: offline` keeps runs on disk for `wandb sync`."""
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ class WandB:
         import wandb  # optional: the wandb extra (imported on the tracker's thread)
 
         wandb.setup()  # W&B's service process, started before the first stage rather than in it
+        online = (params.mode or os.environ.get("WANDB_MODE") or "online") in ("online", "run", "shared")
+        if online and not wandb.login(prompt=False, verify=False):  # (W&B would ask on the terminal, from this thread, mid-run)
+            raise RuntimeError("not logged in to W&B: run `wandb login` or set WANDB_API_KEY, or log offline (mode: offline)")
         d = Path(params.dir).expanduser() if params.dir else scope.output_dir
         d = d if d.is_absolute() else (scope.base_dir / d).resolve()
         d.mkdir(parents=True, exist_ok=True)
