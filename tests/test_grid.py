@@ -305,7 +305,7 @@ def test_submitit_local_executor_runs_the_grid(tmp_path, monkeypatch):
     assert len(list((tmp_path / "runs" / "tiny").glob("prune-*/result.json"))) == 2
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR2", "SIGTERM"])
+@pytest.mark.parametrize("signame", ["SIGUSR2", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_a_preempted_slurm_run_checkpoints_is_requeued_and_resumes(tmp_path, monkeypatch, signame):
     """submitit's local executor as the cluster: SIGUSR2 (SLURM's warning ahead of a time limit) or
     SIGTERM (a pre-emption) reaches the job mid-epoch; pab writes its checkpoint and stops, the job
@@ -317,7 +317,7 @@ def test_a_preempted_slurm_run_checkpoints_is_requeued_and_resumes(tmp_path, mon
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(HOOKS), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("PAB_TEST_SIGNAL", f"0:step:18:{signame}")  # epoch 2, step 6 of 12
     monkeypatch.setenv("PAB_TEST_ONCE", str(tmp_path / "preempted"))  # once: the requeued job runs through
-    spec = TINY_SPEC.replace("epochs: 2", "epochs: 3")
+    spec = TINY_SPEC
     p = _write(tmp_path, "base: spec.yaml\ngrid: {seed: [0]}\nslurm: {time: 10}\n", spec)
     out = G.run_grid(G.load_grid(p), executor="slurm", cluster="local")
     assert not out.failed, out.records
