@@ -34,47 +34,22 @@ from pab_framework.tracking import Trackers  # noqa: E402
 from plugins.loggers.mlflow_tracker import MLflow  # noqa: E402
 
 
-class LoopClock:
-    """The seconds the training loop spends in the trackers' start and epoch calls (the Tracking
-    callback's work), summed over a run: the real methods, timed around."""
+class Timed:
+    """The seconds (by `clock`) spent in the methods `names` of `cls`, summed since the last `take`:
+    the real methods, timed around."""
 
-    def __init__(self):
-        self.seconds, self.calls = 0.0, 0
-        self._real = {name: getattr(Trackers, name) for name in ("start", "epoch")}
-        for name, real in self._real.items():
-            setattr(Trackers, name, self._timed(real))
-
-    def _timed(self, real):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return real(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-                self.calls += 1
-
-        return timed
-
-    def take(self) -> float:
-        s, self.seconds, self.calls = self.seconds, 0.0, 0
-        return s
-
-
-class HookCPU:
-    """The CPU seconds of MLflow's per-stage hooks (start, epochs, per-layer figures, files, finish) on its thread."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        for name in ("start", "log_epochs", "log_artifacts", "finish"):
-            setattr(MLflow, name, self._timed(getattr(MLflow, name)))
+    def __init__(self, cls: type, names: tuple[str, ...], clock=time.perf_counter):
+        self.seconds, self.clock = 0.0, clock
+        for name in names:
+            setattr(cls, name, self._timed(getattr(cls, name)))
 
     def _timed(self, real):
         def timed(*args, **kwargs):
-            t0 = time.thread_time()
+            t0 = self.clock()
             try:
                 return real(*args, **kwargs)
             finally:
-                self.seconds += time.thread_time() - t0
+                self.seconds += self.clock() - t0
 
         return timed
 
@@ -83,7 +58,7 @@ class HookCPU:
         return s
 
 
-def train_once(spec_path: Path, overrides: list[str], clock: LoopClock, cpu: HookCPU) -> dict:
+def train_once(spec_path: Path, overrides: list[str], clock: Timed, cpu: Timed) -> dict:
     """Compute the train stage again (its result removed; the prune stage reused): its seconds."""
     spec = load_spec(spec_path, overrides)
     for d in spec.output_root.glob("train-*"):
@@ -109,7 +84,9 @@ def main() -> None:
     spec_path = ROOT / "configs" / "quickstart.yaml"
     base = [f"runtime.output_dir={tmp / 'runs'}", f"runtime.device={args.device}", "runtime.progress=none", f"stages.train.epochs={args.epochs}"]
     kinds = {"none": base, "mlflow": base + [f"runtime.loggers=[jsonl, {{name: mlflow, tracking_uri: 'sqlite:///{tmp / 'mlflow.db'}'}}]"]}
-    clock, cpu = LoopClock(), HookCPU()
+    # the loop's time in the Tracking callback's calls; the CPU time of MLflow's hooks on the tracker's thread
+    clock = Timed(Trackers, ("start", "epoch"))
+    cpu = Timed(MLflow, ("start", "log_epochs", "log_artifacts", "finish"), clock=time.thread_time)
     run_spec(load_spec(spec_path, base), reporter=Reporter(mode="none"))  # the prune stage, and a first train stage (warm-up)
     first = train_once(spec_path, kinds["mlflow"], clock, cpu)  # MLflow imported, its store set up: once per process
     rows: dict[str, list[dict]] = {"none": [], "mlflow": []}

@@ -25,7 +25,7 @@ payload), then the payload, a `torch.save` of plain containers and tensors, load
 rot; the key catches a checkpoint copied from another stage.
 
 Exit codes of `pab run` (see pab_framework/cli/run.py): 0 done, 2 bad input (spec, artifact), 3 stopped by
-SIGTERM/SIGINT after writing a checkpoint (run the same command again to resume), 4 a write failed
+SIGTERM/SIGINT/SIGUSR2 after writing a checkpoint (run the same command again to resume), 4 a write failed
 (a full disk, say) and the previous checkpoint was kept.
 """
 from __future__ import annotations

@@ -60,7 +60,7 @@ def run(
     started through torch's elastic launcher; `torchrun ... -m pab_framework run SPEC` works alike.
 
     Exit codes: 0 done; 2 bad input (spec, missing data, artifact, plugin) or a non-finite loss; 3 stopped
-    by SIGTERM/SIGINT after writing a checkpoint (run again to resume); 4 a write failed (full disk),
+    by SIGTERM/SIGINT/SIGUSR2 after writing a checkpoint (run again to resume); 4 a write failed (full disk),
     earlier files intact.
     Under several processes the job's code is the failing rank's."""
     from .. import distributed  # heavy: torch
