@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ..errors import PabError, Problem, SpecError
 from ..specification import NAME_PATTERN, ExperimentSpec, parse_override, set_path, spec_from_dict
+from ..specification.load import is_grid_data, is_spec_data
 from ..specification.problems import locate, problems_from_validation
 from ..yamlio import LoadedYaml, load_yaml_file
 from .model import GRID_KEYS, NAME_RULE, GridFile, SlurmOptions
@@ -121,7 +122,7 @@ def looks_like_grid(path: str | Path) -> bool:
         data = load_yaml_file(path).data  # the spec loader's guards (size, depth, tags) apply
     except PabError:
         return False
-    return isinstance(data, dict) and "base" in data and ("grid" in data or "zip" in data or "variants" in data)
+    return is_grid_data(data)
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +132,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     set it."""
     path = Path(path)
     loaded = load_yaml_file(path, what="grid")
+    if is_spec_data(loaded.data):
+        raise _grid_error([Problem((), f"this is an experiment spec (stages: and no base:), not a grid file: run it with `pab run {path}`; "
+                                       f"a grid file names its base spec (base: {path.name}) and the values to vary (grid:, zip:, variants:)",
+                                   None, str(path))])
     model = _read(path, loaded)
     base = Path(model.base).expanduser()
     if not base.is_absolute():
