@@ -144,7 +144,7 @@ PHASES = (("load_model", "pab_framework.context", "StageContext.load_model"),
           ("trainer_setup", "pab_framework.trainer", "Trainer.__init__"),
           ("steps", "pab_framework.trainer", "Trainer._step"),
           ("evaluate", "pab_framework.trainer", "evaluate"),
-          ("checkpoints", "pab_framework.trainer", "Trainer.save_checkpoint"),
+          ("checkpoints", "pab_framework.checkpointing", "Checkpointer.save"),
           ("fit", "pab_framework.trainer", "Trainer.fit"),
           ("save_model", "pab_framework.context", "StageContext.save_model"))
 

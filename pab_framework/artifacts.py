@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 from .errors import ArtifactError, WriteError
 
@@ -25,6 +26,10 @@ RESULT = "result.json"
 SPEC = "spec.yaml"
 MODEL = "model.pt"
 METRICS = "metrics.jsonl"
+# a training stage's checkpoints while it runs (pab_framework.checkpoint writes and reads them)
+CHECKPOINT = "checkpoint.pt"  # the newest
+CHECKPOINT_PREVIOUS = "checkpoint.prev.pt"  # the one before it, kept until the newest is safely on disk
+CHECKPOINTS = (CHECKPOINT, CHECKPOINT_PREVIOUS)
 
 
 def kept_weights_name(epoch: int) -> str:
@@ -32,7 +37,8 @@ def kept_weights_name(epoch: int) -> str:
     return f"model-epoch{epoch}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: not every file system lets a directory be synced)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -93,7 +99,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
         if isinstance(e, OSError):
             raise WriteError(f"cannot write {path}: {write_failure_reason(e)} (the previous version, if any, is intact)") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -223,8 +229,6 @@ def read_stage_doc(d: str | Path) -> dict | None:
     """The stage spec.yaml of directory `d` (keys `stage`, `key`, `spec`), or None when `d` holds
     none (no spec.yaml, or some other file of that name). A spec.yaml that cannot be read is an
     ArtifactError."""
-    import yaml
-
     path = Path(d) / SPEC
     if not path.is_file():
         return None
@@ -240,8 +244,6 @@ def read_stage_doc(d: str | Path) -> dict | None:
 def read_stage_record(d: str | Path) -> StageRecord | None:
     """The stage in directory `d` (its spec.yaml, result.json and checkpoint), or None when `d`
     holds no stage spec. A spec.yaml or result.json that cannot be read is an ArtifactError."""
-    from .checkpoint import NAMES as CHECKPOINTS
-
     d = Path(d)
     doc = read_stage_doc(d)
     if doc is None:

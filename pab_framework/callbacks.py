@@ -16,48 +16,95 @@ The Trainer (`pab_framework.trainer`) runs the loop and calls, in this order:
     state_dict() / load_state_dict() what a callback keeps across a resume (in the checkpoint)
 
 A hook a callback does not override costs nothing: the Trainer calls only the overridden ones.
+
+What a callback may read and call on the trainer it is given is `TrainerView`, and nothing else:
+
+    model            the model (never the DDP wrapper): read it, change its weights in place
+    masks            the run's live MaskState: `masks.replace(...)` changes the sparsity pattern
+    opt              the TrainOptimizer
+    device, dist     where the run computes; this process's rank, the world and its collectives
+    epoch, step      where training stands: epochs done, steps done of the epoch in progress
+    steps_per_epoch, epochs
+    metrics          the rows of metrics.jsonl so far (one per epoch done; read only)
+    stage            the StageContext: `dir`, `stage_id`, `spec`, `reporter`, `log()`
+    last_saved       the newest checkpoint written or resumed from (a Path), or None
+    stop_requested   why the run is to stop at the next step boundary, or None
+    request_stop(why)  stop at the next step boundary, writing a checkpoint first (as SIGTERM does)
+
+The standard callbacks (`standard`) use only these; so may a plugin's.
 """
 from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
 from . import artifacts, checkpoint, loggers
-from .distributed import StopVote, state_digest, test_fail
+from .distributed import StopVote, state_digest
 from .errors import TrainingError
 from .metrics import EpochFigures, rewrite_table
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+    import torch.nn as nn
+
+    from .context import StageContext
+    from .distributed import DistInfo
+    from .masks import MaskState
     from .metrics import MetricsSink
-    from .trainer import Trainer
+    from .optim import TrainOptimizer
+
+
+class TrainerView(Protocol):
+    """The Trainer as a callback sees it (module docstring)."""
+
+    model: "nn.Module"
+    masks: "MaskState"
+    opt: "TrainOptimizer"
+    device: torch.device
+    dist: "DistInfo"
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    epochs: int
+    metrics: list[dict]
+    stage: "StageContext"
+
+    @property
+    def last_saved(self) -> "Path | None": ...
+
+    @property
+    def stop_requested(self) -> str | None: ...
+
+    def request_stop(self, reason: str) -> None: ...
 
 
 class Callback:
     """Base class: every hook does nothing."""
 
-    def setup(self, trainer: "Trainer", stack: ExitStack) -> None: ...
+    def setup(self, trainer: "TrainerView", stack: ExitStack) -> None: ...
 
-    def on_epoch_start(self, trainer: "Trainer") -> None: ...
+    def on_epoch_start(self, trainer: "TrainerView") -> None: ...
 
-    def before_forward(self, trainer: "Trainer") -> None: ...
+    def before_forward(self, trainer: "TrainerView") -> None: ...
 
-    def on_loss(self, trainer: "Trainer", loss: torch.Tensor) -> bool:
+    def on_loss(self, trainer: "TrainerView", loss: torch.Tensor) -> bool:
         return True
 
-    def on_step_end(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "TrainerView") -> None: ...
 
-    def on_train_epoch_end(self, trainer: "Trainer") -> None: ...
+    def on_train_epoch_end(self, trainer: "TrainerView") -> None: ...
 
-    def record(self, trainer: "Trainer", sink: "MetricsSink") -> None: ...
+    def record(self, trainer: "TrainerView", sink: "MetricsSink") -> None: ...
 
-    def on_epoch_end(self, trainer: "Trainer", figures: EpochFigures) -> None: ...
+    def on_epoch_end(self, trainer: "TrainerView", figures: EpochFigures) -> None: ...
 
-    def before_save(self, trainer: "Trainer") -> None: ...
+    def before_save(self, trainer: "TrainerView") -> None: ...
 
-    def on_fit_end(self, trainer: "Trainer") -> dict:
+    def on_fit_end(self, trainer: "TrainerView") -> dict:
         return {}
 
     def state_dict(self) -> dict | None:
@@ -70,30 +117,9 @@ HOOKS = ("setup", "on_epoch_start", "before_forward", "on_loss", "on_step_end", 
          "before_save", "on_fit_end")
 
 
-# --------------------------------------------------------------------------- checkpoints
-class Checkpointing(Callback):
-    """Resume from the newest good checkpoint at the start; write one every `every_steps` steps
-    within an epoch (optional) and at every epoch's end but the last. Rank 0 writes; every rank
-    takes part.
-
-    After the last epoch the stage's model.pt and result.json follow at once and supersede any
-    checkpoint (the pipeline discards it), so none is written there: a crash in that moment
-    resumes from the epoch before, losing no more than a crash anywhere in an epoch does. A stop
-    requested at the last epoch's end still writes one (the Trainer's `interrupt`)."""
-
-    def __init__(self, every_steps: int | None = None):
-        self.every = every_steps
-
-    def setup(self, trainer, stack) -> None:
-        trainer.resume()
-
-    def on_step_end(self, trainer) -> None:
-        if self.every and trainer.step % self.every == 0 and trainer.step < trainer.steps_per_epoch and not trainer.stop_requested:
-            trainer.save_checkpoint()
-
-    def on_epoch_end(self, trainer, figures) -> None:
-        if trainer.epoch < trainer.epochs:
-            trainer.save_checkpoint()
+def hook_table(callbacks: Sequence[Callback]) -> dict[str, list]:
+    """For each hook, the bound methods of the callbacks that override it, in the callbacks' order."""
+    return {h: [getattr(cb, h) for cb in callbacks if getattr(type(cb), h) is not getattr(Callback, h)] for h in HOOKS}
 
 
 # --------------------------------------------------------------------------- non-finite losses
@@ -146,7 +172,7 @@ class StopOnNonFinite(Callback):
             epoch, step = self.steps[i]
             kept = self.trainer.last_saved or "none written yet"
             raise TrainingError(
-                f"stage {self.trainer.stage_id}: the training loss is not finite ({vals[i]}) at epoch {epoch + 1}, "
+                f"stage {self.trainer.stage.stage_id}: the training loss is not finite ({vals[i]}) at epoch {epoch + 1}, "
                 f"step {step + 1}; the last good checkpoint is kept ({kept}). Lower the learning rate, or set on_nonfinite: skip"
             )
         self.steps.clear()
@@ -193,19 +219,21 @@ class SkipNonFinite(Callback):
 
 # --------------------------------------------------------------------------- signals
 class StopSignals(Callback):
-    """SIGTERM/SIGINT: every rank agrees on the step boundary to stop at and sets
-    `trainer.stop_requested`; the Trainer then writes a checkpoint (unless one was just written
-    there) and stops with exit code 3."""
+    """SIGTERM/SIGINT: every rank agrees on the step boundary to stop at and requests the stop
+    there; the Trainer then writes a checkpoint (unless one was just written there) and stops with
+    exit code 3."""
 
     def setup(self, trainer, stack) -> None:
         self.signals = stack.enter_context(checkpoint.StopSignals())
         self.vote = StopVote(trainer.dist)
 
     def on_step_end(self, trainer) -> None:
-        trainer.stop_requested = trainer.stop_requested or self.vote.poll(self.signals.requested)
+        if trainer.stop_requested is None and (signame := self.vote.poll(self.signals.requested)):
+            trainer.request_stop(signame)
 
     def on_epoch_end(self, trainer, figures) -> None:
-        trainer.stop_requested = trainer.stop_requested or self.vote.now(self.signals.requested)
+        if trainer.stop_requested is None and (signame := self.vote.now(self.signals.requested)):
+            trainer.request_stop(signame)
 
 
 # --------------------------------------------------------------------------- metrics files
@@ -216,19 +244,20 @@ class MetricsFiles(Callback):
     def on_epoch_end(self, trainer, figures) -> None:
         if not trainer.dist.is_main:
             return
-        epoch = trainer.epoch  # the epoch just completed, 1-based
-        artifacts.write_jsonl(trainer.dir / artifacts.METRICS, trainer.metrics)
-        loggers.log_epoch(trainer.dir, trainer.stage.spec.runtime.loggers, trainer.metrics[-1], trainer.epochs)
+        epoch, d = trainer.epoch, trainer.stage.dir  # the epoch just completed, 1-based
+        artifacts.write_jsonl(d / artifacts.METRICS, trainer.metrics)
+        loggers.log_epoch(d, trainer.stage.spec.runtime.loggers, trainer.metrics[-1], trainer.epochs)
         for table, rows in figures.table_rows(epoch).items():
-            rewrite_table(trainer.dir / f"{table}.jsonl", epoch, rows)
+            rewrite_table(d / f"{table}.jsonl", epoch, rows)
 
 
 # --------------------------------------------------------------------------- progress
 class Progress(Callback):
-    """An epoch bar and a batch bar (rich on a terminal, log lines otherwise)."""
+    """An epoch bar and a batch bar (rich on a terminal, log lines otherwise). Each epoch's line
+    shows the training loss, the validation accuracy and the figures recorded with `show=True`."""
 
     def setup(self, trainer, stack) -> None:
-        rep = trainer.reporter
+        rep = trainer.stage.reporter
         self.epochs = stack.enter_context(rep.task("epoch", total=trainer.epochs))
         self.batches = stack.enter_context(rep.task("batch", total=trainer.steps_per_epoch))
         self.shown = 0  # epochs the bar shows as done
@@ -244,24 +273,18 @@ class Progress(Callback):
 
     def on_epoch_end(self, trainer, figures) -> None:
         row = trainer.metrics[-1]
-        extra = f"  flips {row['flips']}" if isinstance(row.get("flips"), int) else ""
+        extra = "".join(f"  {k} {_shown(figures.scalars.get(k))}" for k in figures.shown)
         loss, acc = row.get("train_loss"), row.get("val_acc")
         info = f"loss {'-' if loss is None else f'{loss:.4f}'}  val_acc {'-' if acc is None else f'{acc:.4f}'}{extra}"
         self.epochs.advance(1, info=info, log=True)
         self.shown += 1
 
 
-# --------------------------------------------------------------------------- test hooks
-class TestHooks(Callback):
-    """Test-only pauses and failures at chosen steps (PAB_TEST_PAUSE, PAB_TEST_FAIL); nothing otherwise."""
-
-    def on_step_end(self, trainer) -> None:
-        n = trainer.epoch * trainer.steps_per_epoch + trainer.step
-        checkpoint.test_pause("step", n)
-        test_fail("step", n, trainer.dist.rank)
-
-    def on_epoch_end(self, trainer, figures) -> None:
-        checkpoint.test_pause("epoch-end", trainer.epoch)
+def _shown(v) -> str:
+    """A figure on the progress line: a count as it is, a fraction to 4 significant digits."""
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # --------------------------------------------------------------------------- kept weights
@@ -275,10 +298,10 @@ class KeepWeights(Callback):
 
     def _write(self, trainer, epoch: int) -> None:
         if epoch in self.epochs and trainer.dist.is_main:
-            artifacts.save_model(trainer.dir / artifacts.kept_weights_name(epoch), trainer.model, trainer.masks.as_dict())
+            artifacts.save_model(trainer.stage.dir / artifacts.kept_weights_name(epoch), trainer.model, trainer.masks.as_dict())
 
     def setup(self, trainer, stack) -> None:
-        if 0 in self.epochs and not (trainer.dir / artifacts.kept_weights_name(0)).is_file():
+        if 0 in self.epochs and not (trainer.stage.dir / artifacts.kept_weights_name(0)).is_file():
             self._write(trainer, 0)  # before resume (setup runs first): the starting weights
 
     def on_epoch_end(self, trainer, figures) -> None:
@@ -300,27 +323,26 @@ class RanksAgree(Callback):
         out = {"world_size": dist.world_size, "rank_digests": {k: [d[k] for d in every] for k in mine}}
         for k in mine:
             if len(set(out["rank_digests"][k])) != 1:
-                raise TrainingError(f"stage {trainer.stage_id}: the ranks' final {k} differ ({', '.join(d[:12] for d in out['rank_digests'][k])}); "
+                raise TrainingError(f"stage {trainer.stage.stage_id}: the ranks' final {k} differ ({', '.join(d[:12] for d in out['rank_digests'][k])}); "
                                     f"a plugin computes differently on different ranks")
         return out
 
 
-def standard(extra: Sequence[Callback] = (), *, checkpoint_every_steps: int | None = None, on_nonfinite: str = "stop") -> list[Callback]:
-    """The callbacks every training stage runs with (checkpoints, the non-finite policy, stop
-    signals, metrics files, progress, test hooks, the DDP agreement check) around `extra`, the
-    stage's own (a transform's, say), in the order their hooks run.
+def standard(extra: Sequence[Callback] = (), *, checkpoints: Callback | None = None, on_nonfinite: str = "stop") -> list[Callback]:
+    """The callbacks every training stage runs with (progress, the non-finite policy, metrics
+    files, stop signals, `checkpoints`: the run's `checkpointing.Checkpointer`, the DDP agreement
+    check) around `extra`, the stage's own (a transform's, say), in the order their hooks run.
 
-    At a step's end: progress, test hooks, `extra`, the stop vote, then the periodic checkpoint.
-    At an epoch's end: progress, the metrics files, the test pause, `extra` (a mask changed here
-    is in the epoch's checkpoint), the stop vote, then the epoch's checkpoint (a stop requested
-    there needs no second one)."""
+    At a step's end: progress, `extra`, the stop vote, then the periodic checkpoint.
+    At an epoch's end: progress, the metrics files, `extra` (a mask changed here is in the epoch's
+    checkpoint), the stop vote, then the epoch's checkpoint (a stop requested there needs no
+    second one)."""
     return [
         Progress(),
         SkipNonFinite() if on_nonfinite == "skip" else StopOnNonFinite(),
         MetricsFiles(),
-        TestHooks(),
         *extra,
         StopSignals(),
-        Checkpointing(checkpoint_every_steps),
+        *([checkpoints] if checkpoints is not None else []),
         RanksAgree(),
     ]

@@ -1,5 +1,6 @@
-"""Training checkpoints: written so that a crash at any instant loses at most the work since the
+"""Checkpoint files: written so that a crash at any instant loses at most the work since the
 last one, read so that a corrupted file or a file from a stranger is refused with a clear message.
+What a training run puts in one, when, and how it resumes: `pab_framework.checkpointing`.
 
 Layout of a stage directory while it trains:
 
@@ -23,7 +24,7 @@ payload), then the payload, a `torch.save` of plain containers and tensors, load
 `weights_only=True` through `artifacts.torch_load_safe`. The checksum catches truncation and bit
 rot; the key catches a checkpoint copied from another stage.
 
-Exit codes of `pab run` (see cli.py): 0 done, 2 bad input (spec, artifact), 3 stopped by
+Exit codes of `pab run` (see pab_framework/cli/run.py): 0 done, 2 bad input (spec, artifact), 3 stopped by
 SIGTERM/SIGINT after writing a checkpoint (run the same command again to resume), 4 a write failed
 (a full disk, say) and the previous checkpoint was kept.
 """
@@ -35,9 +36,7 @@ import json
 import os
 import random
 import signal
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,9 @@ import torch
 from . import artifacts
 from .errors import ArtifactError, PabError, WriteError
 
-CURRENT = "checkpoint.pt"
-PREVIOUS = "checkpoint.prev.pt"
-NAMES = (CURRENT, PREVIOUS)
+CURRENT = artifacts.CHECKPOINT
+PREVIOUS = artifacts.CHECKPOINT_PREVIOUS
+NAMES = artifacts.CHECKPOINTS
 MAGIC = b"PABCKPT1 "
 FORMAT = 1
 
@@ -67,24 +66,6 @@ class CheckpointWriteError(WriteError):
     """Writing a checkpoint failed (a full disk, say); the previous checkpoint is intact."""
 
     exit_code = EXIT_WRITE_FAILED
-
-
-# --------------------------------------------------------------------------- test hook
-def test_pause(point: str, n: int) -> None:
-    """Test-only: `PAB_TEST_PAUSE=point:n` stops the process here (the n-th time `point` is reached)
-    after printing `PAB_TEST_PAUSED point:n` on stderr, so a test can SIGKILL it at this exact place.
-    Points: `step` (after global step n), `ckpt-write` (n-th save, half of the temporary file
-    written), `ckpt-rotate` (n-th save, between the two renames), `epoch-end` (metrics of epoch n written)."""
-    want = os.environ.get("PAB_TEST_PAUSE")
-    if not want or want != f"{point}:{n}":
-        return
-    if threading.current_thread().name != Writer.THREAD:  # a pause in the loop: what was saved is on disk first
-        for w in list(_PENDING):
-            w.wait()
-    sys.stderr.write(f"PAB_TEST_PAUSED {point}:{n}\n")
-    sys.stderr.flush()
-    while True:  # until the test kills us
-        time.sleep(60)
 
 
 # --------------------------------------------------------------------------- RNG
@@ -113,8 +94,8 @@ def set_rng_state(state: dict) -> None:
 
 
 # --------------------------------------------------------------------------- writing
-def _write_all(fd: int, data) -> None:
-    """Write every byte to fd (os.write may write less than asked)."""
+def write_all(fd: int, data) -> None:
+    """Write every byte of `data` to `fd` (os.write may write less than asked)."""
     view = memoryview(data)
     while len(view):
         n = os.write(fd, view)
@@ -166,7 +147,7 @@ def snapshot(obj: Any) -> Any:
     return out
 
 
-def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> Path:
+def save(stage_dir: str | Path, key: str, payload: dict) -> Path:
     """Write `payload` as the newest checkpoint of the stage, keeping the previous one until it is safe.
 
     A failed write (full disk, say) raises CheckpointWriteError and leaves the existing files as they were."""
@@ -185,10 +166,7 @@ def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> P
         raise CheckpointWriteError(f"cannot write checkpoint {cur}: {artifacts.write_failure_reason(e)}") from None
     try:
         try:
-            half = len(data) // 2
-            _write_all(fd, data[:half])
-            test_pause("ckpt-write", count)
-            _write_all(fd, data[half:])
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -209,11 +187,10 @@ def save(stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> P
     try:
         if cur.exists():
             os.replace(cur, prev)
-            test_pause("ckpt-rotate", count)
         os.replace(tmp, cur)
     except OSError as e:
         raise CheckpointWriteError(f"cannot install checkpoint {cur}: {e.strerror or e}") from None
-    artifacts._fsync_dir(d)
+    artifacts.fsync_dir(d)
     return cur
 
 
@@ -230,17 +207,16 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, stage_dir: str | Path, key: str, payload: dict, *, count: int = 0) -> Path:
+    def submit(self, stage_dir: str | Path, key: str, payload: dict) -> Path:
         self.wait()
 
         def job():
             try:
-                save(stage_dir, key, payload, count=count)
+                save(stage_dir, key, payload)
             except BaseException as e:  # handed to the trainer's thread by wait()
                 self._error = e
 
         self._thread = threading.Thread(target=job, name=self.THREAD, daemon=True)
-        _PENDING.add(self)
         self._thread.start()
         return Path(stage_dir) / CURRENT
 
@@ -249,13 +225,9 @@ class Writer:
         if t is not None:
             t.join()
             self._thread = None
-            _PENDING.discard(self)
         e, self._error = self._error, None
         if e is not None:
             raise e
-
-
-_PENDING: set[Writer] = set()
 
 
 # --------------------------------------------------------------------------- reading

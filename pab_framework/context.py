@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import artifacts
 from .data import Batches, DataInfo
@@ -107,8 +108,6 @@ class StageContext:
             return model
         if rt.sync_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the children in place
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids, output_device=self.device.index if ids else None)
 

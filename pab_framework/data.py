@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,6 @@ class Batches:
             self._tensors = tuple(t.to(device) for t in dataset.tensors)
             self.loader = None
         else:
-            from torch.utils.data.distributed import DistributedSampler
-
             self.sampler = None
             if world_size > 1 and pad:
                 self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)

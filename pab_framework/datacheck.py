@@ -1,6 +1,6 @@
 """Missing data, found before any stage runs.
 
-A dataset plugin may have a `check(params, splits, *, base_dir)` method that raises
+A dataset plugin may have a `check(params, splits, *, base_dir)` hook that raises
 `DataError(message, key=...)` when the data of the given splits is not where its parameters say
 (`key` names the parameter at fault, `root` say). `pab validate`, `pab run` and `pab grid` call it
 for the stages that will run, before the first one starts, so a missing CIFAR folder is a message
@@ -8,7 +8,8 @@ naming the spec's file, line and `data.root` rather than an error after minutes 
 
 A stage that is complete is reused and reads no data: a run whose stages are all complete works
 without its data (a results directory copied to a laptop, say). A stage kind may say which splits
-it reads with `data_splits(params)`; one that does not is assumed to read `train` and `val`.
+it reads with `data_splits(params)`; one that does not is assumed to read `train` and `val`
+(the hooks and their defaults: `pab_framework.contracts`).
 """
 from __future__ import annotations
 
@@ -16,14 +17,10 @@ from typing import Iterable
 
 from .errors import DataError, Problem, SpecError
 
-DEFAULT_SPLITS = ("train", "val")
-
-
 def stage_splits(spec, stage_id: str) -> tuple[str, ...]:
     """The splits stage `stage_id` of `spec` reads when it runs."""
     st = spec.stages[stage_id]
-    declared = getattr(st.plugin, "data_splits", None)
-    return tuple(declared(st.params)) if callable(declared) else DEFAULT_SPLITS
+    return tuple(st.plugin.data_splits(st.params))
 
 
 def problems(spec, stage_ids: Iterable[str], name_stages: bool = True) -> list[Problem]:
@@ -32,15 +29,14 @@ def problems(spec, stage_ids: Iterable[str], name_stages: bool = True) -> list[P
     asks the dataset for its `info()`: the check runs even when no stage reads a split."""
     ids = list(stage_ids)
     call = spec.data
-    check = getattr(call.plugin, "check", None)
-    if not ids or not callable(check):
+    if not ids:
         return []
     readers: dict[str, list[str]] = {}
     for sid in ids:
         for split in stage_splits(spec, sid):
             readers.setdefault(split, []).append(sid)
     try:
-        check(call.params, tuple(readers), base_dir=spec.base_dir)
+        call.plugin.check(call.params, tuple(readers), base_dir=spec.base_dir)
     except DataError as e:
         who = sorted({s for sids in readers.values() for s in sids}, key=ids.index) or ids
         what = f" (stage{'s' if len(who) > 1 else ''} {', '.join(who)} will read it)" if name_stages else ""

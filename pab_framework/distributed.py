@@ -167,31 +167,29 @@ def session(runtime, dist: DistInfo | None = None) -> Iterator[DistInfo]:
     if not dist.enabled:
         yield dist
         return
-    import torch.distributed as td
-
     device = pick_device(runtime, dist)
     backend = pick_backend(runtime, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=runtime.dist_timeout_s)
     kw = {"device_id": device} if device.type == "cuda" else {}
-    td.init_process_group(backend=backend, timeout=timeout, rank=dist.rank, world_size=dist.world_size, **kw)
+    torch.distributed.init_process_group(backend=backend, timeout=timeout, rank=dist.rank, world_size=dist.world_size, **kw)
     try:
         dist.backend = backend
         # small agreements (stop votes, objects) go over gloo on the CPU, beside NCCL's device traffic
-        dist.control = td.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+        dist.control = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
         yield dist
     except BaseException:
-        if under_launcher():  # the process ends as soon as the error is reported (cli.main): tearing the
+        if under_launcher():  # the process ends as soon as the error is reported (pab_framework.cli.app.main): tearing the
             raise  # group down now, with a peer gone or mid-collective, can hang or abort the process
-        _destroy(td)
+        _destroy()
         raise
-    _destroy(td)
+    _destroy()
 
 
-def _destroy(td) -> None:
+def _destroy() -> None:
     try:
-        td.destroy_process_group()
+        torch.distributed.destroy_process_group()
     except Exception:  # pragma: no cover - a peer already gone
         pass
 
@@ -253,23 +251,6 @@ def state_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def test_fail(point: str, n: int, rank: int) -> None:
-    """Test-only: `PAB_TEST_FAIL=<rank>:<point>:<n>[:crash]` makes that rank fail the n-th time it
-    reaches `point` (`step`: after global step n of training): a TrainingError (exit code 2), or with
-    `:crash` a plain RuntimeError (a bug: traceback, exit code 1), so a test can watch the job end."""
-    want = os.environ.get("PAB_TEST_FAIL")
-    if not want:
-        return
-    parts = want.split(":")
-    if len(parts) < 3 or parts[:3] != [str(rank), point, str(n)]:
-        return
-    if parts[3:] == ["crash"]:
-        raise RuntimeError(f"PAB_TEST_FAIL: rank {rank} crashes at {point} {n}")
-    from .errors import TrainingError
-
-    raise TrainingError(f"PAB_TEST_FAIL: rank {rank} fails at {point} {n}")
-
-
 # --------------------------------------------------------------------------- launching
 EXIT_PRIORITY = (2, 4, 3)  # a user's error first, then a failed write, then a signal
 
@@ -308,6 +289,7 @@ def exit_code_of(failures: dict) -> tuple[int, int]:
 def launch(argv: list[str], nproc: int, *, debug: bool = False, log=None, monitor_interval: float = 0.1) -> int:
     """Run `python -m pab_framework ARGV` in `nproc` processes on this node through torch's elastic
     launcher (a standalone rendezvous on localhost, no restarts); returns the job's exit code."""
+    # the launcher's machinery (80 ms of imports) only in the process that launches
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

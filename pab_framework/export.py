@@ -49,7 +49,7 @@ def resolve_call(cls: type[PluginCall], section: dict, where: str) -> PluginCall
     try:
         call = cls.model_validate(section)
         entry = registry().get_any(call.groups(), call.name)
-        call._entry, call._params = entry, entry.Params.model_validate(call.plugin_keys())
+        call.resolve(entry, entry.Params.model_validate(call.plugin_keys()))
     except PluginError as e:
         raise ArtifactError(f"{where}: {e.message}") from None
     except ValidationError as e:
@@ -195,7 +195,8 @@ class Exported:
 
 
 def exporter(name: str):
-    return registry().get(GROUP, name).obj
+    """The exporter plugin `name`, every hook of its contract present."""
+    return registry().get(GROUP, name).plugin
 
 
 def export_stage(stage_dir: str | Path, fmt: str = "packed", out: str | Path | None = None) -> Exported:
@@ -246,13 +247,12 @@ def load(path: str | Path) -> nn.Module:
         if src.model_file.resolve() != path.resolve():
             src = _source_for(path, src)
         return src.module()
-    reg = registry()
-    for entry in reg.entries(GROUP).values():
-        sniff = getattr(entry.obj, "sniff", None)
-        if callable(sniff) and callable(getattr(entry.obj, "load", None)) and sniff(path):
-            return entry.obj.load(entry.obj.Params(), path)
-    raise ArtifactError(f"{path}: not a file pab can load (a model.pt, or a file `pab export` writes in a format with a loader: "
-                        f"{', '.join(n for n, e in reg.entries(GROUP).items() if callable(getattr(e.obj, 'load', None)))})")
+    formats = registry().entries(GROUP)
+    for entry in formats.values():
+        if entry.plugin.sniff(path):
+            return entry.plugin.load(entry.Params(), path)
+    raise ArtifactError(f"{path}: not a file pab can load (a model.pt, a stage directory, or a file `pab export` wrote in a format "
+                        f"that reads back: {', '.join(n for n, e in formats.items() if e.plugin.readable)})")
 
 
 def _source_for(path: Path, beside: ExportSource) -> ExportSource:

@@ -1,55 +1,18 @@
-"""The stage graph: topological order of `after:` and the content key of every stage."""
+"""The stage graph: the order stages run in (`after:` and sources) and every stage's content key."""
 from __future__ import annotations
 
+from .dag import topological_order
+from .hashing import digest
 from .keys import ARTIFACT_FORMAT, stage_material
-from .spec import ExperimentSpec, digest
+from .spec import ExperimentSpec
+
+__all__ = ["stage_keys", "stage_order", "topological_order"]
 
 
-def find_cycle(deps: dict[str, list[str]]) -> list[str] | None:
-    """A cycle in the dependency graph as a list of ids, or None."""
-    WHITE, GREY, BLACK = 0, 1, 2
-    color = {n: WHITE for n in deps}
-    stack_path: list[str] = []
-
-    def visit(n: str) -> list[str] | None:
-        color[n] = GREY
-        stack_path.append(n)
-        for d in deps.get(n, []):
-            if d not in color:
-                continue
-            if color[d] == GREY:
-                return stack_path[stack_path.index(d):]
-            if color[d] == WHITE:
-                c = visit(d)
-                if c:
-                    return c
-        stack_path.pop()
-        color[n] = BLACK
-        return None
-
-    for n in deps:
-        if color[n] == WHITE:
-            c = visit(n)
-            if c:
-                return c
-    return None
-
-
-def topological_order(deps: dict[str, list[str]]) -> list[str]:
-    """Stable topological order: among ready stages, the order they are written in the spec."""
-    order: list[str] = []
-    done: set[str] = set()
-    pending = list(deps)
-    while pending:
-        for n in pending:
-            if all(d in done for d in deps[n]):
-                order.append(n)
-                done.add(n)
-                pending.remove(n)
-                break
-        else:  # pragma: no cover - the spec validator rejects cycles first
-            raise ValueError("cycle in stage graph")
-    return order
+def stage_order(spec: ExperimentSpec) -> list[str]:
+    """The spec's stage ids in the order they run: every stage after those it depends on, and
+    otherwise in the order they are written."""
+    return topological_order({sid: st.dependencies() for sid, st in spec.stages.items()})
 
 
 def stage_keys(spec: ExperimentSpec, world_size: int | None = None) -> dict[str, str]:
@@ -59,9 +22,8 @@ def stage_keys(spec: ExperimentSpec, world_size: int | None = None) -> dict[str,
     The runtime section (device, output directory, processes) is left out unless a stage kind
     asks for its numerics (AMP, a per-rank batch's global size on `world_size` processes): it says
     where and how a result is computed, not what it is."""
-    deps = {sid: st.dependencies() for sid, st in spec.stages.items()}
     keys: dict[str, str] = {}
-    for sid in topological_order(deps):
+    for sid in stage_order(spec):
         material = {
             "format": ARTIFACT_FORMAT,
             "depends": stage_material(spec, sid, world_size),

@@ -1,8 +1,9 @@
 """What a stage's content key is made of.
 
-Every stage kind declares what its result depends on with a method `key(view) -> dict`, built
+Every stage kind declares what its result depends on with its hook `key(view) -> dict`, built
 from a `KeyView` of the spec; the engine adds the upstream stages' keys and the artifact format,
-and hashes the lot. A stage kind without `key()` depends on everything (`view.default()`).
+and hashes the lot. A stage kind without its own `key()` depends on everything
+(`view.default()`, see `pab_framework.contracts.StagePlugin`).
 
 A parameter whose value cannot change a result (how often to checkpoint; two implementations
 that compute bitwise alike; a documented no-op kept for fidelity) is marked where it is declared,
@@ -18,7 +19,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from .spec import ExperimentSpec, PluginCall
+from .hashing import file_digest
+from .spec import ExperimentSpec, PluginCall, Source
 
 # Bump when the meaning of a stage's artifacts changes, so old caches are not reused.
 ARTIFACT_FORMAT = 2
@@ -44,9 +46,8 @@ def key_dump(obj: Any) -> Any:
         for fname, f in type(obj).model_fields.items():
             if fname != "name" and in_key(f, getattr(obj, fname)):
                 out[fname] = key_dump(getattr(obj, fname))
-        params = obj._params
-        if params is not None:
-            out.update(key_dump(params))
+        if obj.resolved:
+            out.update(key_dump(obj.params))
         else:
             out.update(to_jsonable_python(obj.plugin_keys()))
         return out
@@ -57,19 +58,6 @@ def key_dump(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [key_dump(v) for v in obj]
     return to_jsonable_python(obj)
-
-
-def _file_digest(path) -> str | None:
-    import hashlib
-
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    except OSError:
-        return None
 
 
 def runtime_numerics(spec: ExperimentSpec, world_size: int | None = None) -> dict:
@@ -102,13 +90,13 @@ class KeyView:
         """This stage's kind, parameters and sources (which upstream stages' keys, covered by the
         upstream keys, and which file or epoch its masks and weights come from)."""
         st = self.spec.stages[self.stage_id]
-        out = {"kind": st.kind, **(key_dump(st.params) if st.params is not None else {})}
+        out = {"kind": st.kind, **(key_dump(st.params) if st.resolved else {})}
         for k in ("masks_from", "weights_from"):
             src = getattr(st, k)
             if src is not None:
                 out[k] = key_dump(src)
-                if getattr(src, "path", None):  # a file: what it holds
-                    out[k]["sha256"] = _file_digest(self.spec.resolve_path(src.path))
+                if isinstance(src, Source) and src.path:  # a file: what it holds
+                    out[k]["sha256"] = file_digest(self.spec.resolve_path(src.path))
         return out
 
     def model(self) -> dict:
@@ -144,9 +132,4 @@ class KeyView:
 
 def stage_material(spec: ExperimentSpec, stage_id: str, world_size: int | None = None) -> dict:
     """What the stage kind declares its result depends on (see the module docstring)."""
-    plugin = spec.stages[stage_id].plugin
-    view = KeyView(spec, stage_id, world_size)
-    fn = getattr(plugin, "key", None)
-    if callable(fn):
-        return fn(view)
-    return view.default(runtime=bool(getattr(plugin, "runtime_in_key", False)))
+    return spec.stages[stage_id].plugin.key(KeyView(spec, stage_id, world_size))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .contracts import bind
 from .errors import PabError
 from .modelutil import classifier_name, prunable_parameters
 
@@ -254,7 +255,7 @@ def _collect_scores(pruner: Any, got: dict[str, torch.Tensor], scores_out: dict[
     """A pruner's scores into the framework's flat score vector (a pruner may have written them there itself)."""
     missing = set(names) - set(got)
     if missing:
-        raise PabError(f"pruner {getattr(pruner, 'name', type(pruner).__name__)} returned no score for {sorted(missing)[:3]}")
+        raise PabError(f"pruner {bind('pab.pruners', pruner).name} returned no score for {sorted(missing)[:3]}")
     for n, v in scores_out.items():
         s = got[n].detach()
         if s.data_ptr() != v.data_ptr():
@@ -306,7 +307,7 @@ def prune(
             for k in range(1, call.iterations + 1):
                 on_round(k, density_at(k, call.iterations, call.density, call.schedule))
         return pool.whole
-    if getattr(pruner, "linearized", False):
+    if bind("pab.pruners", pruner).linearized:  # a plugin object as a direct caller passes it, or one bound already
         _linearize_(work)
     lay = _Layout(params)
     weights = torch.cat([p.detach().reshape(-1) for p in params.values()])

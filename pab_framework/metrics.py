@@ -4,7 +4,9 @@ Each epoch, the Trainer, the optimizer, the transforms and the callbacks record 
 `MetricsSink`:
 
 - `sink.scalar(name, value)`: one number per epoch. It becomes a column of `metrics.jsonl`, goes to
-  the loggers (`runtime.loggers`) and is drawn by `pab report` as a curve.
+  the loggers (`runtime.loggers`) and is drawn by `pab report` as a curve. With `show=True` it is
+  also shown on the epoch's progress line, after the loss and the accuracy (`sink.scalars(values,
+  show=(name, ...))` likewise).
 - `sink.layers({param_name: {column: value}}, table="layers")`: per-layer figures. Each table goes
   to `<table>.jsonl`, one line per epoch and layer (`{"epoch", "layer", column: value, ...}`);
   `pab report` draws every numeric column of every table, one line per layer.
@@ -36,10 +38,12 @@ TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 @dataclass
 class EpochFigures:
-    """What one epoch recorded: scalars in recording order, and per-layer tables."""
+    """What one epoch recorded: scalars in recording order, per-layer tables, and the names of the
+    scalars to show on the progress line."""
 
     scalars: dict[str, float | int] = field(default_factory=dict)
     tables: dict[str, dict[str, dict[str, float | int]]] = field(default_factory=dict)
+    shown: tuple[str, ...] = ()
 
     def table_rows(self, epoch: int) -> dict[str, list[dict]]:
         """`<table>.jsonl` lines of this epoch (1-based `epoch`)."""
@@ -53,19 +57,24 @@ class MetricsSink:
         self._reserved = frozenset(reserved)
         self._scalars: dict[str, Number] = {}
         self._tables: dict[str, dict[str, dict[str, Number]]] = {}
+        self._shown: list[str] = []
 
-    def scalar(self, name: str, value: Number) -> None:
-        """Record one number of this epoch under `name` (a column of metrics.jsonl)."""
+    def scalar(self, name: str, value: Number, *, show: bool = False) -> None:
+        """Record one number of this epoch under `name` (a column of metrics.jsonl); `show`: on the
+        progress line too."""
         if not isinstance(name, str) or not NAME.match(name):
             raise ValueError(f"metric name {name!r} must be letters, digits, '_', '.', '-' (starting with a letter or '_')")
         if name in self._reserved or name in self._scalars:
             raise TrainingError(f"the metric {name!r} was recorded twice in one epoch (or clashes with the trainer's own); "
                                 "two plugins must record under different names")
         self._scalars[name] = value
+        if show:
+            self._shown.append(name)
 
-    def scalars(self, values: Mapping[str, Number]) -> None:
+    def scalars(self, values: Mapping[str, Number], *, show: tuple[str, ...] = ()) -> None:
+        """Record several; those named in `show` go on the progress line too."""
         for k, v in values.items():
-            self.scalar(k, v)
+            self.scalar(k, v, show=k in show)
 
     def layers(self, values: Mapping[str, Mapping[str, Number]], table: str = DEFAULT_TABLE) -> None:
         """Record per-layer figures of this epoch: `{parameter name: {column: value}}` into `<table>.jsonl`."""
@@ -96,7 +105,8 @@ class MetricsSink:
 
         scalars = {k: slot(v) for k, v in self._scalars.items()}
         tables = {t: {layer: {k: slot(v) for k, v in cols.items()} for layer, cols in rows.items()} for t, rows in self._tables.items()}
-        self._scalars, self._tables = {}, {}
+        shown = tuple(self._shown)
+        self._scalars, self._tables, self._shown = {}, {}, []
         values = _to_host(tensors)
 
         def done(v):
@@ -104,7 +114,8 @@ class MetricsSink:
             return int(v) if isinstance(v, bool) else missing_if_nonfinite(v)
 
         return EpochFigures({k: done(v) for k, v in scalars.items()},
-                            {t: {layer: {k: done(v) for k, v in cols.items()} for layer, cols in rows.items()} for t, rows in tables.items()})
+                            {t: {layer: {k: done(v) for k, v in cols.items()} for layer, cols in rows.items()} for t, rows in tables.items()},
+                            shown)
 
 
 def missing_if_nonfinite(v):

@@ -3,12 +3,14 @@
 An optimizer plugin's `build(params, octx)` returns a `TrainOptimizer`: one object with
 `zero_grad()`, `step()`, per-step and per-epoch schedules, figures recorded into the metrics sink
 and a state dict, however many torch optimizers it holds inside (Bop for the masked weights and
-SGD for the rest, say).
+SGD for the rest, say). The Trainer takes an `OptimizerFactory`: a function from the
+`OptimizerContext` to the `TrainOptimizer` (a train stage makes one from its spec's `optimizer:`,
+`functools.partial(call.plugin.build, call.params)`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,16 @@ class OptimizerContext:
     steps_per_epoch: int
     module_of: dict[str, nn.Module] = field(default_factory=dict)
     mask_state: "MaskState | None" = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, mask_state: "MaskState", epochs: int, steps_per_epoch: int) -> "OptimizerContext":
+        """The context of a training run: every trainable parameter of `model`, and the masks of
+        those of them that `mask_state` masks."""
+        named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+        module_of = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
+        trainable = dict(named)
+        masks = {n: m for n, m in mask_state.items() if n in trainable}
+        return cls(named, masks, epochs, steps_per_epoch, module_of, mask_state)
 
     def subset(self, names: set[str]) -> "OptimizerContext":
         return OptimizerContext([(n, p) for n, p in self.named_params if n in names], {n: m for n, m in self.masks.items() if n in names},
@@ -127,3 +139,28 @@ class NoParams(TrainOptimizer):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+OptimizerFactory = Callable[[OptimizerContext], TrainOptimizer]
+
+
+class ScaledStep:
+    """fp16: the optimizer steps through torch's GradScaler (gradients unscaled first; a step with
+    non-finite gradients is skipped and the scale lowered). GradScaler drives torch optimizers by
+    their `param_groups` and `step()`; `_View` gives it ours."""
+
+    class _View:
+        def __init__(self, opt: TrainOptimizer, params: list):
+            self.opt = opt
+            self.param_groups = [{"params": params}]
+
+        def step(self):
+            self.opt.step()
+
+    def __init__(self, opt: TrainOptimizer, params: list, scaler):
+        self.scaler = scaler
+        self.view = self._View(opt, params)
+
+    def step(self) -> None:
+        self.scaler.step(self.view)
+        self.scaler.update()

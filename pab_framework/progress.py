@@ -38,7 +38,7 @@ class Reporter:
         """A small table (per-layer figures, say); right-aligned after the first column."""
         if self.mode == "none":
             return
-        from rich.table import Table
+        from rich.table import Table  # (rich's tables and bars: only imported when drawn, tens of ms at start-up)
 
         t = Table(title=title, title_justify="left")
         for i, c in enumerate(columns):
@@ -50,7 +50,7 @@ class Reporter:
     @contextmanager
     def task(self, description: str, total: int | None, unit: str = "") -> Iterator["Task"]:
         """A unit of long work (epochs, batches, pruning rounds)."""
-        if self.mode == "rich":
+        if self.mode == "rich":  # (imported here: see `table`)
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             owner = self._progress is None

@@ -1,8 +1,10 @@
 """The one door to plugins: entry-point groups read through stevedore.
 
 Built-in plugins are registered in pyproject.toml exactly like a third-party package registers
-its own; nothing here imports `plugins` directly. A plugin whose import fails, or whose `Params`
-is not a pydantic model, is recorded as broken with its error; the others keep working.
+its own; nothing here imports `plugins` directly. Every plugin is checked against its kind's
+contract (`pab_framework.contracts`) when it loads: one whose import fails, whose `Params` is not a
+pydantic model or that lacks a required method is recorded as broken with the reason; the others
+keep working.
 """
 from __future__ import annotations
 
@@ -10,34 +12,17 @@ import difflib
 import re
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel
+from stevedore import ExtensionManager
 
+from . import contracts
+from .contracts import GROUPS
 from .errors import PluginError
 
-GROUPS = {
-    "model": "pab.models",
-    "dataset": "pab.datasets",
-    "pruner": "pab.pruners",
-    "optimizer": "pab.optimizers",
-    "quantizer": "pab.quantizers",
-    "transform": "pab.transforms",
-    "stage": "pab.stages",
-    "exporter": "pab.exporters",
-}
-
-# What each kind of plugin must provide, beside `Params`.
-REQUIRED_METHODS = {
-    "pab.models": ("build",),
-    "pab.datasets": ("build", "info"),
-    "pab.pruners": ("score",),
-    "pab.optimizers": ("build",),
-    "pab.quantizers": ("apply",),
-    "pab.transforms": ("apply",),
-    "pab.stages": ("run",),
-    "pab.exporters": ("write",),
-}
+__all__ = ["GROUPS", "Broken", "Entry", "Registry", "first_sentence", "registry", "unknown_plugin_message"]
 
 
 @dataclass
@@ -53,7 +38,12 @@ class Entry:
     name: str
     group: str
     target: str  # "module:attr", for `pab plugins`
-    obj: Any  # the plugin instance
+    obj: Any  # the plugin instance, as its package made it
+
+    @cached_property
+    def plugin(self) -> Any:
+        """The plugin seen through its kind's contract (`pab_framework.contracts`): every hook exists."""
+        return contracts.bind(self.group, self.obj, self.name)
 
     @property
     def Params(self) -> type[BaseModel]:
@@ -99,8 +89,6 @@ class Registry:
         with self._lock:
             if group in self._loaded:
                 return self._loaded[group]
-            from stevedore import ExtensionManager
-
             broken: dict[str, Broken] = {}
 
             def on_fail(manager, ep, err):
@@ -116,7 +104,7 @@ class Registry:
                 target = ext.entry_point.value
                 try:
                     obj = ext.plugin() if isinstance(ext.plugin, type) else ext.plugin
-                    problem = _check_plugin(group, obj)
+                    problem = contracts.problem(group, obj)
                 except Exception as e:  # a plugin's constructor is third-party code
                     problem = f"{type(e).__name__}: {e}"
                 if problem:
@@ -162,18 +150,8 @@ class Registry:
             self._loaded.clear()
 
 
-def _check_plugin(group: str, obj: Any) -> str | None:
-    params = getattr(obj, "Params", None)
-    if not (isinstance(params, type) and issubclass(params, BaseModel)):
-        return f"its Params is {params!r}, not a pydantic model"
-    for method in REQUIRED_METHODS.get(group, ()):
-        if not callable(getattr(obj, method, None)):
-            return f"it has no {method}() method, which every plugin in {group} must provide"
-    return None
-
-
 def unknown_plugin_message(group: str, name: str, known: list[str], broken: Broken | None = None) -> str:
-    kind = {v: k for k, v in GROUPS.items()}.get(group, group)
+    kind = contracts.kind_name(group)
     if broken is not None:
         return f"{kind} plugin {name!r} is installed but broken ({broken.target}): {broken.error}"
     msg = f"unknown {kind} {name!r}"

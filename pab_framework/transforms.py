@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from .masks import MaskState
+
 if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import Callback
-    from .masks import MaskState
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TransformContext:
     `add_callback(cb)`: a `pab_framework.callbacks.Callback` the Trainer runs with the others.
     """
 
-    masks: "MaskState"
+    masks: MaskState
     device: torch.device
     seed: int = 0
     callbacks: list["Callback"] = field(default_factory=list)
@@ -43,8 +44,6 @@ class TransformContext:
     def of(cls, model: nn.Module, names, seed: int = 0) -> "TransformContext":
         """A context for applying transforms outside a training stage (a notebook, a benchmark, a
         test): dense masks on the parameters `names` of `model`."""
-        from .masks import MaskState
-
         params = dict(model.named_parameters())
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}
         dev = next(iter(params.values())).device if params else torch.device("cpu")

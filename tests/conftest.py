@@ -6,8 +6,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# faults at exact points of a run (tests/hooks/pab_faults.py); its sitecustomize.py installs them in
+# the subprocesses of a test that puts HOOKS on their PYTHONPATH (with_hooks)
+HOOKS = ROOT / "tests" / "hooks"
+for _p in (ROOT, HOOKS):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+def with_hooks(env: dict) -> dict:
+    """`env` with the project and tests/hooks first on PYTHONPATH (for a `pab run` subprocess)."""
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HOOKS), *filter(None, [env.get("PYTHONPATH")])])}
+
 
 os.environ.setdefault("CI", "1")  # plain progress lines in tests
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, with_hooks
 from pab_framework import artifacts, distributed
 from pab_framework.data import Batches
 from pab_framework.distributed import DistInfo
@@ -46,7 +46,9 @@ runtime: {device: cpu, output_dir: runs, progress: plain}
 
 
 def pab(*args, env=None, timeout=240):
-    e = dict(os.environ, **(env or {}))
+    """`pab ARGS` in a subprocess; `env` may ask for faults (PAB_TEST_FAIL: tests/hooks/pab_faults.py),
+    which reach every rank the launcher starts."""
+    e = with_hooks(dict(os.environ, **(env or {})))
     e.pop("WORLD_SIZE", None)
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "pab_framework", *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)

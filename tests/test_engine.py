@@ -3,6 +3,7 @@ Trainer reused by a stage kind of its own, and transforms composed in order."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -96,6 +97,30 @@ def test_sink_turns_a_nonfinite_figure_into_a_missing_one():
     sink = MetricsSink()
     sink.scalar("loss_of_plugin", torch.tensor(float("nan")))
     assert sink.collect().scalars == {"loss_of_plugin": None}
+
+
+def test_the_progress_line_shows_the_figures_a_plugin_marks_and_no_others(write_spec):
+    """`show=True` (or `scalars(..., show=...)`) puts a recorded figure on the epoch's progress
+    line; the core names none itself: Bop marks its flips, its other figures stay off the line."""
+    import io
+
+    from rich.console import Console
+
+    from pab_framework.pipeline import run_spec
+    from pab_framework.progress import Reporter
+
+    sink = MetricsSink()
+    sink.scalars({"flips": torch.tensor(7), "flip_rate": 0.5}, show=("flips",))
+    sink.scalar("kept", 0.25, show=True)
+    sink.scalar("lr", 0.1)
+    got = sink.collect()
+    assert got.shown == ("flips", "kept") and got.scalars == {"flips": 7, "flip_rate": 0.5, "kept": 0.25, "lr": 0.1}
+    assert sink.collect().shown == ()  # emptied with the rest
+
+    buf = io.StringIO()
+    run_spec(load_spec(write_spec(TINY_SPEC)), reporter=Reporter(Console(file=buf, width=200), mode="plain"))
+    lines = [l for l in buf.getvalue().splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2 and all(re.fullmatch(r"epoch \d/2  loss \d\.\d{4}  val_acc \d\.\d{4}  flips \d+", l) for l in lines), lines
 
 
 # --------------------------------------------------------------------------- live masks
@@ -265,7 +290,7 @@ def test_the_nonfinite_watch_costs_one_op_per_step_and_reads_the_device_only_at_
                 self.ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    trainer = SimpleNamespace(device=torch.device("cpu"), epoch=4, step=0, stage_id="train", last_saved="ck.pt")
+    trainer = SimpleNamespace(device=torch.device("cpu"), epoch=4, step=0, stage=SimpleNamespace(stage_id="train"), last_saved="ck.pt")
     cb = StopOnNonFinite(every=8)
     cb.setup(trainer, None)
     reads = []

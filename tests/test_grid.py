@@ -127,6 +127,30 @@ def test_grid_file_problems(tmp_path):
         G.load_grid(p)
 
 
+def test_grid_file_problems_come_together_each_at_its_line(tmp_path):
+    # the grid file is validated as the spec is: every problem at once, each at file:line, key path
+    p = _write(tmp_path, "base: spec.yaml\nvariants:\n  'bad axis': {a: {seed: 1}}\n  method:\n    ok: 5\n"
+                         "    ok2: {'bad key': 1}\ngrid:\n  stages: {prune: [1]}\nset: [1]\nslurm: gpu\n")
+    with pytest.raises(G.GridError) as ei:
+        G.load_grid(p)
+    msg = str(ei.value)
+    for line, needle in ((3, "variants.bad axis: axis name 'bad axis' must be a word"),
+                         (5, "variants.method.ok: must be a mapping of key paths to values (as set:) (got int)"),
+                         (6, "variants.method.ok2.bad key: a key path looks like stages.prune.pruner.density"),
+                         (8, "grid.stages: needs a list of values, found a mapping; write the full key path with dots (e.g. stages.prune: [...])"),
+                         (9, "set: must be a mapping of key paths to values (got list)"),
+                         (10, "slurm: must be a mapping (partition, time, gpus_per_node, cpus_per_task, ...)")):
+        assert f"{p}:{line}, {needle}" in msg, msg
+    assert msg.index(f"{p}:3,") < msg.index(f"{p}:10,")  # in the order they stand in the file
+    p.write_text("grid: {seed: [0]}\nname: 'a b'\n")
+    msg = str(pytest.raises(G.GridError, G.load_grid, p).value)
+    assert f"{p}:1, base: required: the path of the base spec" in msg and f"{p}:2, name: grid name 'a b' must start with a letter" in msg
+    odd = tmp_path / "odd name.yaml"
+    odd.write_text("base: spec.yaml\ngrid: {seed: [0]}\n")
+    with pytest.raises(G.GridError, match="the grid's name comes from its file name, 'odd name'.*set name: in the file"):
+        G.load_grid(odd)
+
+
 def test_over_seeds_mean_and_std():
     rows = [
         {"p": "a", "seed": 0, "status": "ok", "val_acc": 0.5, "density": 0.3},

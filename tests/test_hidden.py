@@ -142,7 +142,7 @@ runtime: {device: cpu, output_dir: runs, progress: none}
 
 
 def test_masks_from_one_stage_and_weights_from_another(write_spec):
-    from pab_framework.trainer import evaluate
+    from pab_framework.evaluation import evaluate
 
     spec_path = write_spec(REWIND)
     out = run(spec_path)

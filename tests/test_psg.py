@@ -517,7 +517,9 @@ def test_imagenet_recipe_trains_in_bf16_on_a_tiny_image_folder(tmp_path):
     sd = torch.load(train.dir / "model.pt", weights_only=True)
     conv_weights = [k for k in sd["state_dict"] if k.endswith("weight") and sd["state_dict"][k].dim() == 4]
     assert conv_weights and all(sd["state_dict"][k].dtype == torch.float32 for k in conv_weights)  # the parameters stay fp32
-    assert train.result["density"] == pytest.approx(0.5, abs=1e-3)
+    # half of the pool is kept; the shortcut convolutions, outside it, stay dense and count in `density`
+    assert out["prune"].result["pool_density"] == pytest.approx(0.5, abs=1e-3)
+    assert train.result["density"] == pytest.approx(out["prune"].result["density"]) and train.result["density"] > 0.5
 
 
 def test_the_cuda_benchmark_runs_its_logic_on_the_cpu():

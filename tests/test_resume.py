@@ -1,6 +1,7 @@
 """Crash-exact resume: real `pab run` subprocesses killed with SIGKILL at chosen points (mid-epoch,
 inside a checkpoint write, between the checkpoint renames, after an epoch's metrics), then resumed;
-the final weights must be bit-identical to an uninterrupted run and metrics.jsonl the same."""
+the final weights must be bit-identical to an uninterrupted run and metrics.jsonl the same. The
+points are reached through tests/hooks (PAB_TEST_PAUSE in a subprocess, `pab_faults.at` here)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+import pab_faults
+from conftest import ROOT, with_hooks
 
 # 12 steps per epoch (1438 training digits / 128), a checkpoint every 4 steps and every epoch
 SPEC = """\
@@ -39,9 +41,8 @@ TIMING = {"epoch_s"}  # wall-clock figures differ between any two runs
 
 
 def _env(pause: str | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PAB_TEST_PAUSE"}
+    env = with_hooks({k: v for k, v in os.environ.items() if k != "PAB_TEST_PAUSE"})
     env["CI"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if pause:
         env["PAB_TEST_PAUSE"] = pause
     return env
@@ -183,16 +184,16 @@ def run_in_process(spec: Path, **kw) -> str:
 def test_no_checkpoint_after_the_last_epoch_and_a_crash_there_loses_one_epoch(reference, tmp_path, monkeypatch):
     """model.pt follows the last epoch at once, so no checkpoint is written there; a crash before
     model.pt is complete resumes from the epoch before and ends as an uninterrupted run."""
+    from pab_framework.checkpointing import Checkpointer
     from pab_framework.context import StageContext
-    from pab_framework.trainer import Trainer
 
     spec = _fresh(tmp_path)
     saved = []
-    real_save = Trainer.save_checkpoint
+    real_save = Checkpointer.save
 
-    def save(self):
-        saved.append((self.epoch, self.step))
-        real_save(self)
+    def save(self, trainer):
+        saved.append((trainer.epoch, trainer.step))
+        real_save(self, trainer)
 
     def crash(self, *a, **k):
         if self.stage_id == "train":
@@ -200,7 +201,7 @@ def test_no_checkpoint_after_the_last_epoch_and_a_crash_there_loses_one_epoch(re
         return real_model(self, *a, **k)
 
     real_model = StageContext.save_model
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    monkeypatch.setattr(Checkpointer, "save", save)
     monkeypatch.setattr(StageContext, "save_model", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_in_process(spec)
@@ -263,12 +264,7 @@ def test_resumed_stage_says_so_once_and_its_times_add_up(tmp_path, monkeypatch):
     from pab_framework import artifacts, checkpoint
 
     spec = _fresh(tmp_path)
-
-    def sigint_at(point, n):
-        if (point, n) == ("epoch-end", 1):
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(checkpoint, "test_pause", sigint_at)
+    pab_faults.at("epoch-end", 1, lambda trainer: os.kill(os.getpid(), signal.SIGINT), monkeypatch.setattr)
     code, out = _cli("run", str(spec))
     monkeypatch.undo()
     assert code == 3, out
@@ -306,15 +302,14 @@ def test_resumed_stage_says_so_once_and_its_times_add_up(tmp_path, monkeypatch):
 
 
 def test_results_of_an_experiment_with_an_interrupted_stage(tmp_path, monkeypatch):
-    from pab_framework import checkpoint
+    from pab_framework.errors import PabError
 
     spec = _fresh(tmp_path)
 
-    def crash(point, n):
-        if (point, n) == ("step", 17):
-            raise checkpoint.PabError("simulated crash")
+    def crash(trainer):
+        raise PabError("simulated crash")
 
-    monkeypatch.setattr(checkpoint, "test_pause", crash)
+    pab_faults.at("step", 17, crash, monkeypatch.setattr)
     code, out = _cli("run", str(spec))
     assert code == 2 and "simulated crash" in out
     code, out = _cli("results", str(tmp_path / "runs" / "resume"))
@@ -331,11 +326,10 @@ def test_restart_throws_the_checkpoint_away(tmp_path, monkeypatch):
 
     spec = _fresh(tmp_path)
 
-    def crash(point, n):
-        if (point, n) == ("step", 17):
-            raise PabError("simulated crash")
+    def crash(trainer):
+        raise PabError("simulated crash")
 
-    monkeypatch.setattr(checkpoint, "test_pause", crash)
+    pab_faults.at("step", 17, crash, monkeypatch.setattr)
     with pytest.raises(PabError, match="simulated crash"):
         run_in_process(spec)
     monkeypatch.undo()

@@ -36,6 +36,9 @@ def _check(path, *needles, args=()):
         ("seed: 0", "sead: 0", [":2", "unknown key 'sead'", "did you mean 'seed'"]),
         ("device: cpu", "device: tpu", ["runtime.device", "'auto', 'cpu' or 'cuda'"]),
         ("hidden: [32]", "hidden: 32", ["model.hidden", "list"]),
+        # a key inside a section that may be one of several shapes: the hint reads the model through the union
+        ("after: [prune]", "after: [prune]\n    weights_from: {stage: prune, epok: 1}",
+         [":12", "stages.train.weights_from.epok", "unknown key 'epok'; did you mean 'epoch'? Allowed here: stage, epoch, path"]),
     ],
 )
 def test_bad_values(write_spec, old, new, needles):

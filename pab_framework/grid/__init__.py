@@ -23,17 +23,19 @@ Every run keeps the base spec's `name`, so its stages go where a single `pab run
 spec would put them, and any stage already computed there (by a run, or another grid) is reused.
 The grid's own directory, `<runtime.output_dir>/<grid name>/`, holds the results and run logs.
 
-The package, by concern: `gridfile` (reading and expanding a grid file), `plan` (stage
+The package, by concern: `model` (the grid file's pydantic model, its `slurm:` options and the
+checks across sections), `gridfile` (reading and expanding a grid file into runs), `plan` (stage
 directories shared between runs), `executors` (one run; local workers; SLURM through
-submitit), `slurm` (the `slurm:` options and sbatch), `results` (the table and seed statistics).
+submitit), `slurm` (submitit executors and sbatch), `results` (the table and seed statistics).
 """
 from __future__ import annotations
 
 from .executors import GridOutcome, run_grid, run_one
 from .gridfile import GRID_KEYS, Grid, GridError, Run, expand, load_grid, looks_like_grid, short_names
+from .model import SlurmOptions
 from .plan import StagePlan, check_runs_data, plan_grid, plan_summary
 from .results import RESULTS_CSV, RESULTS_JSON, load_results, over_seeds, write_results
-from .slurm import SlurmOptions, make_submitit_executor, sbatch_script, slurm_folder, slurm_parameters
+from .slurm import make_submitit_executor, sbatch_script, slurm_folder, slurm_parameters
 
 __all__ = ["GRID_KEYS", "Grid", "GridError", "GridOutcome", "RESULTS_CSV", "RESULTS_JSON", "Run", "SlurmOptions", "StagePlan", "check_runs_data", "expand",
            "load_grid", "load_results", "looks_like_grid", "make_submitit_executor", "over_seeds", "plan_grid", "plan_summary",

@@ -177,6 +177,7 @@ class Packed:
     """The initialisation recipe, mask bits and sign bits: the smallest lossless file of a PaB network."""
 
     suffix = ".pab"
+    readable = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -21,6 +21,7 @@ class SafeTensors:
     """The masked state dict as a .safetensors file (weights as float tensors, pruned entries zero)."""
 
     suffix = ".safetensors"
+    readable = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -72,7 +72,7 @@ class BopHybrid(TrainOptimizer):
         surviving = self._surviving()
         total_kept = max(1, sum(surviving))
         sink.scalars({"flips": sum(flips), "flip_rate": sum(flips) / total_kept, "sign_changed": sum(changed) / total_kept,
-                      "ar": self.ar, "tau": self.tau})
+                      "ar": self.ar, "tau": self.tau}, show=("flips",))
         sink.layers({n: {"flips": f, "flip_rate": f / max(1, k), "sign_changed": c / max(1, k), "surviving": k}
                      for n, f, c, k in zip(self.names, flips, changed, surviving)}, table="flips")
         self.rest.record(sink)

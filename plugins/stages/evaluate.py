@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from pab_framework.modelutil import density_of
-from pab_framework.trainer import evaluate
+from pab_framework.evaluation import evaluate
 
 
 class EvaluateStage:

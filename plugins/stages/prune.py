@@ -20,7 +20,7 @@ class PruneStage:
 
     def data_splits(self, params) -> tuple[str, ...]:
         """The pruning batches come from the training split, for pruners that score with data."""
-        return ("train",) if getattr(params.pruner.plugin, "needs_data", True) else ()
+        return ("train",) if params.pruner.plugin.needs_data else ()
 
     def spec_problems(self, params, spec) -> list[tuple[tuple, str]]:
         """Each `exclude` pattern must match a prunable weight of the spec's model (a typo would
@@ -55,7 +55,7 @@ class PruneStage:
         info = ctx.data_info()
         inputs = masking.PruneInputs(input_shape=tuple(info.input_shape), num_classes=info.num_classes, device=ctx.device, seed=ctx.seed,
                                      train_mode=call.train_mode)
-        if getattr(call.plugin, "needs_data", True):
+        if call.plugin.needs_data:
             inputs.batches = pruning_batches(ctx.dataset("train"), call.batches, call.batch_size, ctx.seed)
         with ctx.reporter.task(f"prune {call.name}", total=call.iterations) as task:
             def on_round(k: int, d: float) -> None:

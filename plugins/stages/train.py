@@ -1,6 +1,7 @@
 """`train`: train the upstream model; with Bop, only the signs of the surviving weights change."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -54,6 +55,10 @@ class TrainStage:
         """What must exist before the stage starts (pab_framework.datacheck)."""
         return ("train", "val")
 
+    def kept_epochs(self, params) -> list[int]:
+        """The epochs whose weights later stages may start from (`keep_weights`)."""
+        return list(params.keep_weights)
+
     def key(self, view) -> dict:
         """The result depends on the whole model and data sections (batch sizes included), the
         seed, this stage's parameters, and the numerics of `runtime` (AMP, a per-rank batch)."""
@@ -67,8 +72,9 @@ class TrainStage:
         tctx = TransformContext(state, ctx.device, ctx.seed)
         model = apply_all(model, ([p.quantizer] if p.quantizer is not None else []) + list(p.transforms), tctx)
         callbacks = [KeepWeights(p.keep_weights)] if p.keep_weights else []
-        trainer = Trainer(ctx, model, state, p.optimizer, epochs=p.epochs, callbacks=[*callbacks, *tctx.callbacks], label_smoothing=p.label_smoothing,
-                          checkpoint_every_steps=p.checkpoint_every_steps, on_nonfinite=p.on_nonfinite)
+        build_optimizer = partial(p.optimizer.plugin.build, p.optimizer.params)  # (octx) -> the TrainOptimizer
+        trainer = Trainer(ctx, model, state, build_optimizer, epochs=p.epochs, callbacks=[*callbacks, *tctx.callbacks],
+                          label_smoothing=p.label_smoothing, checkpoint_every_steps=p.checkpoint_every_steps, on_nonfinite=p.on_nonfinite)
         result = trainer.fit()
         ctx.save_model(model, state.as_dict())
         return result
