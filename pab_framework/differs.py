@@ -22,7 +22,10 @@ MAX_ITEMS = 3  # a label names at most this many differences, then "+N more"
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as {dotted path: value}; lists and empty mappings are values."""
+    """Nested mappings as {dotted path: value}, a list of mappings (transforms) by index; other
+    lists and empty mappings are values."""
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        obj = {str(i): v for i, v in enumerate(obj)}
     if isinstance(obj, dict) and obj:
         out: dict[str, Any] = {}
         for k, v in obj.items():
@@ -88,7 +91,10 @@ def _item(path: str, flat: dict[str, Any]) -> str:
     under = {p[len(path) + 1:]: v for p, v in flat.items() if p.startswith(path + ".")}
     if not under:
         return f"{path}=none"
-    return f"{path}.name={as_written(under['name'])}" if "name" in under else f"{path}=set"
+    for name in ("name", "0.name"):  # a plugin section, or a list of them
+        if name in under:
+            return f"{path}.{name}={as_written(under[name])}"
+    return f"{path}=set"
 
 
 def differing_paths(flats: list[dict[str, Any]]) -> list[str]:
@@ -96,16 +102,20 @@ def differing_paths(flats: list[dict[str, Any]]) -> list[str]:
     paths = list(dict.fromkeys(p for f in flats for p in f))
     out: list[str] = []
     for p in paths:
-        if not _same(flats, p):
-            c = _collapse(p, flats)
-            if c not in out:
-                out.append(c)
+        if _same(flats, p):
+            continue
+        c = _collapse(p, flats)
+        if c not in out:
+            out.append(c)
+        if c != p and not _same([f for f in flats if p in f], p) and p not in out:  # it differs among the specs that have it, too
+            out.append(p)
     return out
 
 
 def label(paths: list[str], flat: dict[str, Any], max_items: int = MAX_ITEMS) -> str:
     """`seed=5, stages.train.epochs=3`: this spec's values of `paths`, the first `max_items` of them."""
-    items = [_item(p, flat) for p in paths]
+    absent = [p for p in paths if not any(q == p or q.startswith(p + ".") for q in flat)]
+    items = [_item(p, flat) for p in paths if not any(p.startswith(a + ".") for a in absent)]
     if len(items) > max_items:
         return ", ".join(items[:max_items]) + f" (+{len(items) - max_items} more)"
     return ", ".join(items)

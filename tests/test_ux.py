@@ -60,6 +60,11 @@ def test_what_differs_names_the_values_that_made_each_stage():
     assert got["ctrain"] == "seed=0, stages.train.epochs=3, stages.train.quantizer=none"
     # a section present in one spec and absent in another is one difference, named by its plugin
     assert got["dtrain"] == "seed=0, stages.train.epochs=2, stages.train.quantizer.name=psg"
+    # a list of plugin sections (transforms) by index: absent in one spec, and different between the others
+    ep = [dict(_spec(), stages={"train": {"kind": "train", "transforms": [{"name": "edge_popup", "density": d}]}}) for d in (0.05, 0.1)]
+    got = what_differs([("e1", "train", ep[0], "x"), ("e2", "train", ep[1], "x"), ("n", "train", dict(_spec(), stages={"train": {"kind": "train"}}), "x")])
+    assert got == {"e1": "stages.train.transforms.0.name=edge_popup, stages.train.transforms.0.density=0.05",
+                   "e2": "stages.train.transforms.0.name=edge_popup, stages.train.transforms.0.density=0.1", "n": "stages.train.transforms=none"}
     # runtime.output_dir and vars are not what a result depends on; alone in its group, nothing differs
     assert what_differs([("z", "train", _spec(), "exp"), ("y", "train", _spec(seed=9), "other")]) == {"z": "", "y": ""}
 
@@ -149,15 +154,19 @@ def test_pab_report_labels_runs_and_overlays_their_curves(three_runs, tmp_path, 
 
 # --------------------------------------------------------------------------- a grid stopped by a signal (item 3)
 def test_sigint_stops_a_grid_with_exit_3_and_the_rerun_says_what_resumed(tmp_path):
-    (tmp_path / "spec.yaml").write_text(TINY_SPEC.replace("epochs: 2", "epochs: 15"))
+    # 90 steps an epoch, 60 epochs: once both runs have checkpointed epoch 1, either has far more
+    # left to train than the gap between the two runs' starts
+    (tmp_path / "spec.yaml").write_text(TINY_SPEC.replace("epochs: 2", "epochs: 60").replace("batch_size: 128", "batch_size: 16"))
     (tmp_path / "grid.yaml").write_text("base: spec.yaml\ngrid:\n  seed: [0, 1]\n")
     cmd = [sys.executable, "-m", "pab_framework", "grid", "grid.yaml", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.monotonic()
-    try:  # both runs are training (each wrote its end-of-epoch-1 checkpoint): Ctrl-C
-        while len(glob.glob(str(tmp_path / "runs" / "tiny" / "train-*" / "checkpoint.pt"))) < 2:
+    t0, seen = time.monotonic(), set()
+    try:  # both runs are training (each has written a checkpoint): Ctrl-C
+        while len(seen) < 2:
+            seen |= {Path(p).parent for p in glob.glob(str(tmp_path / "runs" / "tiny" / "train-*" / "checkpoint*.pt"))}
+            assert not glob.glob(str(tmp_path / "runs" / "tiny" / "train-*" / "result.json")), "a run finished before the signal"
             assert proc.poll() is None and time.monotonic() - t0 < 300, proc.stdout.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         text, _ = proc.communicate(timeout=180)
     finally:
@@ -179,7 +188,7 @@ def test_sigint_stops_a_grid_with_exit_3_and_the_rerun_says_what_resumed(tmp_pat
     s = json.loads((tmp_path / "runs" / "grid" / "results.json").read_text())["summary"]
     assert (s["ok"], s["stages_ran"], s["stages_resumed"], s["stages_reused"]) == (2, 0, 2, 2)
     for d in trains:
-        assert [json.loads(l)["epoch"] for l in (d / "metrics.jsonl").read_text().splitlines()] == list(range(1, 16))
+        assert [json.loads(l)["epoch"] for l in (d / "metrics.jsonl").read_text().splitlines()] == list(range(1, 61))
         assert json.loads((d / "result.json").read_text())["resumed"] is True
 
 

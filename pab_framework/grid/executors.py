@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 
 from .. import artifacts
-from ..checkpoint import Interrupted
+from ..checkpoint import Interrupted, StopSignals
 from ..errors import PabError
 from ..formatting import as_written
 from ..pipeline import run_spec
@@ -223,37 +223,25 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class _Stop:
+class _Stop(StopSignals):
     """While local runs are in flight: SIGINT, SIGTERM or SIGHUP to the grid sends each worker
     SIGINT (its train stage checkpoints at the next step boundary and stops; a stage outside a
     training loop stops at once) and starts no new run. A second signal is passed on too: the
-    workers stop at once, without a checkpoint."""
+    workers stop at once, without a checkpoint. `requested` names the first signal."""
 
     SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
     def __init__(self):
-        self.signame: str | None = None
+        super().__init__()
         self.pool: futures.ProcessPoolExecutor | None = None
-        self._old: dict = {}
 
     def _handler(self, signum, frame) -> None:
-        self.signame = self.signame or signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name
         for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
             try:
                 os.kill(proc.pid, signal.SIGINT)
             except (ProcessLookupError, PermissionError):  # gone already
                 pass
-
-    def __enter__(self) -> "_Stop":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old.clear()
 
 
 def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record, overrides: list[str] | None = None) -> str | None:
@@ -273,8 +261,8 @@ def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record, 
     with _Stop() as stop:
         stop.pool = pool = new_pool()
         try:
-            while inflight or (pending and stop.signame is None):
-                while pending and len(inflight) < workers and stop.signame is None:
+            while inflight or (pending and stop.requested is None):
+                while pending and len(inflight) < workers and stop.requested is None:
                     run = pending.pop(0)
                     inflight[pool.submit(run_one, _payload(grid, run, force, threads, overrides))] = run
                 done, _ = futures.wait(list(inflight), timeout=1.0, return_when=futures.FIRST_COMPLETED)
@@ -288,7 +276,7 @@ def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record, 
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        return stop.signame
+        return stop.requested
 
 
 WORKER_DIED = "its worker process died (killed, or crashed outside Python); see its log"
