@@ -12,7 +12,8 @@ from rich.console import Console
 
 from ..errors import PabError
 
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+# a terminal's width (or COLUMNS when set); 160 columns when writing to a file or a pipe
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")

@@ -29,7 +29,7 @@ def _launch(s, n: int, argv: list[str], *, force: bool, debug: bool) -> int:
     return distributed.launch(argv, n, debug=debug, log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
 
 
-def _run_here(s, *, force: bool, restart: bool, progress: str | None):
+def _run_here(s, *, force: bool, restart: bool, progress: str | None, overrides: list[str]):
     """Run the spec in this process (one rank of a DDP job under a launcher): (DistInfo, outcomes)."""
     from .. import distributed  # heavy: torch
     from ..pipeline import run_spec
@@ -37,7 +37,7 @@ def _run_here(s, *, force: bool, restart: bool, progress: str | None):
     dist = distributed.from_env()
     with distributed.session(s.runtime, dist):
         reporter = Reporter(out, mode=progress or s.runtime.progress, enabled=dist.is_main)
-        return dist, run_spec(s, force=force, restart=restart, reporter=reporter, dist=dist)
+        return dist, run_spec(s, force=force, restart=restart, reporter=reporter, dist=dist, overrides=overrides)
 
 
 def run(
@@ -68,7 +68,7 @@ def run(
         if n > 1 and not distributed.under_launcher():
             argv = relaunch_argv(spec, set_, force=force, restart=restart, progress=progress, debug=debug)
             raise typer.Exit(_launch(s, n, argv, force=force, debug=debug))
-        dist, outcomes = _run_here(s, force=force, restart=restart, progress=progress)
+        dist, outcomes = _run_here(s, force=force, restart=restart, progress=progress, overrides=list(set_ or []))
     except PabError as e:
         fail(e, debug)
         return
