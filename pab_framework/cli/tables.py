@@ -121,7 +121,8 @@ def print_plan(g, plans, summary: list[dict]) -> None:
 
 def _results_table(res: dict, heads: list[str]) -> Table:
     keys = res["varied"]
-    table = Table(title=f"grid {res['grid']}: results")
+    with_set = "".join(f" --set {o}" for o in res.get("overrides") or [])
+    table = Table(title=f"grid {res['grid']}{with_set}: results")
     table.add_column("run", justify="right")
     for h in heads:
         table.add_column(h)

@@ -60,6 +60,7 @@ def write_results(grid: Grid, records: dict[int, dict]) -> dict:
         "grid_file": str(grid.path.resolve()),
         "base": str(grid.base.resolve()),
         "varied": varied,
+        "overrides": list(grid.overrides),  # the --set every run had (the grid directory's name says them too)
         "runs_total": len(grid.runs),
         "summary": {
             "runs": len(rows),
