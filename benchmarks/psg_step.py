@@ -278,7 +278,7 @@ def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, 
         _sync(dev)
         ts.append((time.perf_counter() - t) * 1000)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    path = psg_ops._path(x, torch.float32).name if psg else None
+    path = psg_ops.path_for(x, torch.float32).name if psg else None
     return statistics.median(ts), peak, path
 
 
