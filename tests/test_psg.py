@@ -561,3 +561,14 @@ def test_the_cuda_benchmark_runs_its_logic_on_the_cpu():
     assert {r["precision"] for r in fig["rows"]} == {"fp32", "bf16"}
     for r in fig["rows"]:
         assert r["plain_ms"] > 0 and r["psg_ms"] > 0 and r["ratio"] == pytest.approx(r["psg_ms"] / r["plain_ms"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_the_benchmark_compiles_both_models():
+    """benchmarks/psg_step.py --compile default: every case compiled (tiny shapes, CPU)."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "psg_step.py"), "--device", "cpu", "--tiny", "--reps", "1", "--warmup", "1",
+                        "--compile", "default"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fig = json.loads(p.stdout.strip().splitlines()[-1])
+    assert fig["compile"] == "default" and len(fig["rows"]) == 4
+    assert all(r["plain_ms"] > 0 and r["psg_ms"] > 0 for r in fig["rows"])
