@@ -210,8 +210,8 @@ def test_compiles_once_for_training_and_once_for_evaluation(kind):
 
 
 # ----------------------------------------------------------------------------- the whole matrix
-def _inductor_discrepancy(kind: str, params: dict, amp: bool) -> dict[str, float]:
-    """Per gradient of a cifar_resnet18 (width 16, batch 8): |compiled - eager| / |eager|."""
+def _inductor_discrepancy(kind: str, params: dict, amp: bool) -> dict[str, tuple[float, float]]:
+    """Per gradient of a cifar_resnet18 (width 16, batch 8): (|compiled - eager|, |eager|)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = transformed(cifar_resnet18(width=16), kind, **params)
@@ -221,19 +221,21 @@ def _inductor_discrepancy(kind: str, params: dict, amp: bool) -> dict[str, float
     want = step(eager, x, y, amp)
     got = step(model, x, y, amp, forward=torch.compile(model))
     assert want.keys() == got.keys()
-    return {n: float((got[n].double() - want[n].double()).norm() / want[n].double().norm().clamp_min(1e-30)) for n in want}
+    return {n: (float((got[n].double() - want[n].double()).norm()), float(want[n].double().norm())) for n in want}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [("plain", {}), ("edge_popup", {})] + [("psg", p) for p in SETTINGS], ids=str)
 def test_cifar_resnet18_compiled_with_inductor_trains_as_eager(case):
-    """BatchNorm's sums reordered by Inductor move the output gradients by ulps; PSG quantises them,
-    so an entry on a rounding boundary moves by one code step (or flips a sign under take_sign):
-    gradients compared as whole tensors."""
+    """BatchNorm's sums reordered by Inductor move the output gradients by ulps (BatchNorm's own
+    gradients, sums that cancel, by more: hence the absolute 1e-6); PSG quantises the output
+    gradients, so an entry on a rounding boundary moves by one code step (or flips a sign under
+    take_sign): gradients compared as whole tensors."""
     kind, params = case
-    tol = 3e-2 if params.get("take_sign") else 1e-3
-    rel = _inductor_discrepancy(kind, params, amp=False)
-    assert all(v <= tol for v in rel.values()), {n: v for n, v in rel.items() if v > tol}
+    rel = 3e-2 if params.get("take_sign") else 1e-3
+    errors = _inductor_discrepancy(kind, params, amp=False)
+    bad = {n: (err, norm) for n, (err, norm) in errors.items() if err > rel * norm + 1e-6}
+    assert not bad, bad
 
 
 @pytest.mark.slow
@@ -241,8 +243,8 @@ def test_cifar_resnet18_compiled_with_inductor_under_bf16_autocast():
     """Under bf16 autocast Inductor computes in float32 between its loads and stores where eager
     rounds every op to bf16: the plain model's gradients move by up to ~45 % (BatchNorm's, whose
     sums cancel). PSG's move as the plain model's do, no more."""
-    plain = _inductor_discrepancy("plain", {}, amp=True)
-    psg = _inductor_discrepancy("psg", {}, amp=True)
+    plain = {n: err / max(norm, 1e-30) for n, (err, norm) in _inductor_discrepancy("plain", {}, amp=True).items()}
+    psg = {n: err / max(norm, 1e-30) for n, (err, norm) in _inductor_discrepancy("psg", {}, amp=True).items()}
     assert plain.keys() == psg.keys()
     assert plain["loss"] < 1e-3 and psg["loss"] < 1e-3
     worse = {n: (psg[n], plain[n]) for n in psg if psg[n] > 1.1 * plain[n] + 1e-2}
