@@ -78,7 +78,11 @@ def grad_scale(grad_absmax: float, bits: int) -> float:
 
 
 def add_on_host(counts: torch.Tensor, kept: int, total: int) -> None:
-    """counts (a CPU int64 [kept, total] pair) += (kept, total), written in host memory: no kernel."""
+    """counts (an int64 [kept, total] pair) += (kept, total): written in host memory when it lives
+    there (no kernel), else by a copy (the host path forced onto another device's tensors)."""
+    if counts.device.type != "cpu":
+        counts.add_(torch.tensor([kept, total], dtype=counts.dtype).to(counts.device))
+        return
     pair = counts.numpy()
     pair[0] += kept
     pair[1] += total
