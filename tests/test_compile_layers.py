@@ -93,11 +93,17 @@ def test_psg_operators_pass_opcheck(path, channels_last, monkeypatch):
     x, w, gout = torch.randn(4, 6, 9, 9, generator=g).relu(), torch.randn(8, 6, 3, 3, generator=g), torch.randn(4, 8, 5, 5, generator=g)
     if channels_last:
         x, w, gout = (t.contiguous(memory_format=torch.channels_last) for t in (x, w, gout))
+    w1 = torch.randn(8, 6, 1, 1, generator=g)  # (a 1x1 weight: its size-1 dims have strides that do not matter)
+    if channels_last:
+        w1 = w1.contiguous(memory_format=torch.channels_last)
     counts = torch.zeros(2, dtype=torch.int64)
     for full, sign in ((None, False), (torch.randn(8, 6, 3, 3, generator=g), True)):
         settings = (8, 16, 1e-2, True, full is None, sign, torch.float32)
         torch.library.opcheck(torch.ops.pab.psg_conv2d_weight_grad.default,
                               (gout, x, w, full, counts, [2, 2], [1, 1], [1, 1], 1, *settings))
+        torch.library.opcheck(torch.ops.pab.psg_conv2d_weight_grad.default,
+                              (gout, x, w1, None if full is None else full[:, :, :1, :1].contiguous(), counts, [2, 2], [0, 0],
+                               [1, 1], 1, *settings))
         xl, wl, gl = torch.randn(16, 20, generator=g), torch.randn(7, 20, generator=g), torch.randn(16, 7, generator=g)
         torch.library.opcheck(torch.ops.pab.psg_linear_weight_grad.default,
                               (gl, xl, wl, None if full is None else torch.randn(7, 20, generator=g), counts, *settings))

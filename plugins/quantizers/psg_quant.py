@@ -137,19 +137,19 @@ class HostPath:
     def combine(cls, msb_grad: torch.Tensor, full_grad: torch.Tensor | None, cfg: PsgConfig, counts: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
         dtype = combine_dtype(out_dtype)
-        r = msb_grad.to(dtype)  # written in place from here
+        grad = msb_grad.to(dtype)  # written in place from here
         if cfg.threshold_mode == "relative":
-            top = cls.absmax(r)
+            top = cls.absmax(grad)
             thr = top * cfg.threshold if dtype == torch.float64 else to_f32(to_f32(cfg.threshold) * top)
         else:
             thr = cfg.threshold if dtype == torch.float64 else to_f32(cfg.threshold)
-        n = r.numel()
+        n = grad.numel()
         if not thr > 0:  # 0 or NaN: nothing is dropped
-            out, kept = (r.sign() if cfg.take_sign else r), n
+            out, kept = (grad.sign() if cfg.take_sign else grad), n
         else:
-            lam = math.nextafter(thr, 0.0) if dtype == torch.float64 else f32_below(thr)
-            out = torch.ops.aten.hardshrink.out(r, lam, out=r)  # 0 where |r| <= lam, i.e. |r| < thr: the dropped entries
-            kept = torch.count_nonzero(out).tolist()  # the kept entries are exactly the nonzero ones (|r| >= thr > 0)
+            below = math.nextafter(thr, 0.0) if dtype == torch.float64 else f32_below(thr)  # the largest float < thr
+            out = torch.ops.aten.hardshrink.out(grad, below, out=grad)  # 0 where |grad| <= below, i.e. < thr: the dropped entries
+            kept = torch.count_nonzero(out).tolist()  # the kept entries are exactly the nonzero ones (|grad| >= thr > 0)
             if not cfg.sparsify:
                 out = torch.where(out == 0, full_grad, out)  # (promotes a bf16 full_grad itself)
             if cfg.take_sign:

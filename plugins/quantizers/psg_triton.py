@@ -160,13 +160,14 @@ class _OnDevice:
             self.ctx.__exit__(*a)
 
 
-def _guarded(kernel_name: str, launch, fallback):
-    """Launch; if this kernel has never run, a failure to build or launch it falls back to the aten
-    path for the rest of the process, with one warning (a kernel that ran once is trusted)."""
+def _guarded(kernel_name: str, run, fallback):
+    """`run()` (which launches the kernel); if this kernel has never run, a failure to build or
+    launch it falls back to the aten path for the rest of the process, with one warning (a kernel
+    that ran once is trusted)."""
     if kernel_name in _GOOD:
-        return launch()
+        return run()
     try:
-        out = launch()
+        out = run()
     except Exception as e:  # a Triton/driver combination this kernel does not build on
         if os.environ.get("PAB_PSG_BACKEND") == "triton":
             raise
@@ -192,8 +193,8 @@ class TritonPath:
             if nbx + nbg:
                 with _OnDevice(x):
                     launch(_quantize_pair, nbx + nbg, x, xq, x.numel(), mins, maxs, mins.numel(), g, gq, g.numel(), gmax, nbx,
-                            X_LEVELS=float(2**cfg.msb_bits), G_LEVELS=float(2**cfg.msb_bits_grad), BLOCK=BLOCK, NSB=NSB,
-                            num_warps=8)
+                           X_LEVELS=float(2**cfg.msb_bits), G_LEVELS=float(2**cfg.msb_bits_grad), BLOCK=BLOCK, NSB=NSB,
+                           num_warps=8)
             return xq, gq
 
         return _guarded("quantize_pair", run, lambda: DevicePath.quantize(x, g, cfg))
