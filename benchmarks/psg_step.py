@@ -46,11 +46,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pab_framework.modelutil import apply_masks_, prunable_parameters  # noqa: E402
-from plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
-from plugins.optimizers.bop_optim import Bop  # noqa: E402
+from pab_plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
+from pab_plugins.optimizers.bop_optim import Bop  # noqa: E402
 from pab_framework.transforms import TransformContext  # noqa: E402
-from plugins.quantizers import psg_ops  # noqa: E402
-from plugins.quantizers.psg import PSG  # noqa: E402
+from pab_plugins.quantizers import psg_ops  # noqa: E402
+from pab_plugins.quantizers.psg import PSG  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the original code's way

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from pab_framework.modelutil import prunable_parameters
 from pab_framework.transforms import TransformContext
-from plugins.models.resnet_cifar import cifar_resnet18
-from plugins.optimizers.bop_optim import Bop
-from plugins.quantizers.psg import PSG
-from plugins.transforms.edge_popup import EdgePopup
+from pab_plugins.models.resnet_cifar import cifar_resnet18
+from pab_plugins.optimizers.bop_optim import Bop
+from pab_plugins.quantizers.psg import PSG
+from pab_plugins.transforms.edge_popup import EdgePopup
 
 pytest.importorskip("torch._dynamo")
 

@@ -68,7 +68,7 @@ def _resnet50_shapes() -> list[tuple[int, ...]]:
 def _bop_run(shapes, implementation: str, steps: int, init_average: str, seed: int = 0):
     """`steps` Bop steps on CUDA from seeded weights (a third pruned to zero) and gradients; the
     weights, flip counts and state after every step, on the host."""
-    from plugins.optimizers.bop_optim import Bop
+    from pab_plugins.optimizers.bop_optim import Bop
 
     g = torch.Generator().manual_seed(seed)
     ws = []
@@ -130,9 +130,9 @@ def test_psg_gradients_on_cuda_equal_the_cpus():
     that lands on the other side of a rounding boundary moves a code by one step; on the CPU alone,
     scaling the input by 1 + 1e-6 moves layer4.1.conv2's gradient by 2.3e-3 of its norm.)"""
     from pab_framework.modelutil import prunable_parameters
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
     from pab_framework.transforms import TransformContext
-    from plugins.quantizers.psg import PSG
+    from pab_plugins.quantizers.psg import PSG
 
     torch.manual_seed(0)
     dense = cifar_resnet18(width=16)
@@ -156,9 +156,9 @@ def test_psg_compiled_on_cuda_trains_as_eager(mode):
     kernels inside PSG's registered operator: three steps' gradients and the kept counts as eager
     (up to Inductor's reordered sums, which move a few quantisation codes)."""
     from pab_framework.modelutil import prunable_parameters
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
     from pab_framework.transforms import TransformContext
-    from plugins.quantizers.psg import PSG
+    from pab_plugins.quantizers.psg import PSG
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pab_framework import artifacts
 from pab_framework.transforms import TransformContext
-from plugins.quantizers import psg_ops, psg_quant
-from plugins.quantizers.psg import PSG, PsgConv2d, PsgLinear
+from pab_plugins.quantizers import psg_ops, psg_quant
+from pab_plugins.quantizers.psg import PSG, PsgConv2d, PsgLinear
 from tests.conftest import ROOT, TINY_SPEC
 
 
@@ -143,7 +143,7 @@ def test_the_quantiser_rounds_ties_to_even_and_keeps_zeros(path, dtype):
 
 def test_a_model_keeps_its_keys_outputs_and_masks():
     from pab_framework.modelutil import apply_masks_, prunable_parameters
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
 
     torch.manual_seed(0)
     net = cifar_resnet18(width=16)
@@ -159,7 +159,7 @@ def test_a_model_keeps_its_keys_outputs_and_masks():
     assert len(psg.layers(net)) == len(masks)
     torch.testing.assert_close(net(x), before)
     # a few Bop steps: pruned weights stay zero, magnitudes stay
-    from plugins.optimizers.bop_optim import Bop
+    from pab_plugins.optimizers.bop_optim import Bop
 
     net.train()
     w0 = {n: p.detach().clone() for n, p in net.named_parameters() if n in masks}
@@ -225,7 +225,7 @@ def test_cpu_bf16_autocast_follows_the_formulas(layer, case):
 
 
 def test_a_model_trains_under_cpu_bf16_autocast():
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
 
     torch.manual_seed(0)
     net = cifar_resnet18(width=8)
@@ -413,8 +413,8 @@ _TRITON_CHECK = r"""
 import copy, os, sys, torch, torch.nn as nn
 sys.path.insert(0, sys.argv[1])
 from tests.test_psg import CASES, wrapped
-from plugins.quantizers.psg import PSG
-from plugins.quantizers import psg_triton
+from pab_plugins.quantizers.psg import PSG
+from pab_plugins.quantizers import psg_triton
 results = {}
 for path in ("host", "triton"):
     os.environ["PAB_PSG_BACKEND"] = path
@@ -433,7 +433,7 @@ for path in ("host", "triton"):
 bad = [k for k, ((a, ax, sa), (b, bx, sb)) in results.items() if not (torch.equal(a, b) and torch.equal(ax, bx) and sa == sb)]
 assert psg_triton.kernels_run() == {"quantize_pair", "combine"}, psg_triton.kernels_run()
 # ties to even, the top code clamped, zeros kept (as test_the_quantiser_rounds_ties_to_even_and_keeps_zeros)
-from plugins.quantizers.psg_ops import PsgConfig
+from pab_plugins.quantizers.psg_ops import PsgConfig
 xq, gq = psg_triton.TritonPath.quantize(torch.tensor([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]]),
                                         torch.tensor([-4.0, 0.015625, 0.046875, 0.0]), PsgConfig(msb_bits_grad=8))
 assert xq.tolist() == [[0.0, 0.0, 2.0, 2.0, 4.0, 254.0, 255.0]] and gq.tolist() == [-4.0, 0.0, 0.0625, 0.0], (xq, gq)
