@@ -31,7 +31,7 @@ from pab_framework.pipeline import run_spec  # noqa: E402
 from pab_framework.progress import Reporter  # noqa: E402
 from pab_framework.specification import load_spec  # noqa: E402
 from pab_framework.tracking import Trackers  # noqa: E402
-from plugins.loggers.mlflow_tracker import MLflow  # noqa: E402
+from pab_plugins.loggers.mlflow_tracker import MLflow  # noqa: E402
 
 
 class Timed:

@@ -2,6 +2,7 @@
 reused when already complete."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -12,7 +13,9 @@ from typing import NamedTuple
 import torch
 
 from . import artifacts, checkpoint, datacheck, distributed
+from .blame import plugin_failure
 from .context import DistInfo, StageContext, Upstream
+from .errors import PabError
 from .graph import stage_keys, topological_order
 from .metrics import finite_figures
 from .progress import Reporter
@@ -24,6 +27,18 @@ try:
     import fcntl  # the stage locks
 except ImportError:  # pragma: no cover - not POSIX (Windows): no locks
     fcntl = None
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """torch.utils.cpp_extension, imported when Inductor compiles for the CPU (Bop's compiled step),
+    warns "No CUDA runtime is found, using CUDA_HOME=..." on any machine that has a CUDA toolkit
+    but no CUDA device: noise in a CPU run's output. This one message is dropped, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNote())
 
 
 @dataclass
@@ -108,10 +123,11 @@ def stage_lock(sdir: Path, reporter: Reporter | None = None):
 
 
 def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False, reporter: Reporter | None = None,
-             dist: DistInfo | None = None, group: Group | None = None) -> list[StageOutcome]:
+             dist: DistInfo | None = None, overrides: list[str] | None = None, group: Group | None = None) -> list[StageOutcome]:
     """Run the stages that are not complete (all of them with `force`). A stage that left a
-    checkpoint resumes from it, unless `restart` throws its checkpoint away first. `group`: the
-    grid this run belongs to, for the trackers of runtime.loggers (`pab_framework.tracking`)."""
+    checkpoint resumes from it, unless `restart` throws its checkpoint away first. `overrides`
+    (the `--set` assignments, or a grid run's values) are recorded in each computed stage's spec.yaml;
+    `group`: the grid this run belongs to, for the trackers of runtime.loggers (`pab_framework.tracking`)."""
     dist = dist or DistInfo()
     reporter = reporter or Reporter(mode=spec.runtime.progress, enabled=dist.is_main)
     device = pick_device(spec, dist)
@@ -132,11 +148,32 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
                     outcomes[step.stage_id] = _reuse(step.stage_id, st.kind, step.dir, reporter)
                     continue
                 ctx = StageContext(spec, step.stage_id, st, step.key, step.dir, upstream, device, reporter, dist, trackers=trackers)
-                outcomes[step.stage_id] = _compute(ctx, restart)
+                outcomes[step.stage_id] = _compute(ctx, restart, list(overrides or []))
     return list(outcomes.values())
 
 
-def _compute(ctx: StageContext, restart: bool) -> StageOutcome:
+def stage_doc(ctx: StageContext, overrides: list[str]) -> dict:
+    """What a stage's spec.yaml holds: the stage, its key, the overrides of the command that
+    computed it, the directories of the stages it started from, and the resolved spec."""
+    return {"stage": ctx.stage_id, "key": ctx.key, "overrides": overrides,
+            "upstream": {sid: up.dir.name for sid, up in ctx.upstream.items()}, "spec": ctx.spec.resolved_dict()}
+
+
+def _run_plugin(ctx: StageContext) -> dict:
+    """The stage kind's run(): a third-party plugin's failure becomes one message naming it and
+    the stage (pab_framework.blame); pab's own failures keep their traceback."""
+    try:
+        return dict(ctx.stage.plugin.run(ctx))
+    except PabError:
+        raise
+    except Exception as e:
+        failure = plugin_failure(e, ctx.stage_id, ctx.stage.kind, ctx.spec.resolved_dict())
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def _compute(ctx: StageContext, restart: bool, overrides: list[str]) -> StageOutcome:
     """Run one stage in its directory (under its lock): spec.yaml first, result.json last."""
     sid, sdir, dist, reporter = ctx.stage_id, ctx.dir, ctx.dist, ctx.reporter
     kind = ctx.stage.kind
@@ -151,13 +188,13 @@ def _compute(ctx: StageContext, restart: bool) -> StageOutcome:
         # a forced re-run: the stage is incomplete from here until its new result is written
         if (sdir / artifacts.RESULT).exists():
             os.unlink(sdir / artifacts.RESULT)
-        artifacts.atomic_write_text(sdir / artifacts.SPEC, dump_yaml({"stage": sid, "key": ctx.key, "spec": ctx.spec.resolved_dict()}))
+        artifacts.atomic_write_text(sdir / artifacts.SPEC, dump_yaml(stage_doc(ctx, overrides)))
     dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
     t0 = time.perf_counter()
     # the stage's tracker runs, if it trains: continued when it resumes, ended with its files once complete
     with ctx.trackers.stage(ctx, resumed):
         # a figure that is not finite (a diverged validation loss) is missing, not a failed write
-        result = finite_figures(dict(ctx.stage.plugin.run(ctx)))
+        result = finite_figures(_run_plugin(ctx))
         wall = time.perf_counter() - t0
         result.setdefault("wall_s", round(wall, 3))
         # every session's time: this one's and that of the interrupted ones the stage resumed from

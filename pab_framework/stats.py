@@ -52,15 +52,17 @@ def over_seeds(rows: list[dict], by: list[str], values: list[str], ok: Callable[
 
 
 # a grid's row that holds no result: left out of the curves
-FAILED = {"failed", "error", "errored", "pending", "running", "skipped", "cancelled", "incomplete"}
+FAILED = {"failed", "error", "errored", "pending", "running", "skipped", "cancelled", "incomplete", "interrupted"}
 # the columns of a grid's results that are figures or bookkeeping, not keys the grid varies
-RESULT_KEYS = {"run", "status", "val_acc", "density", "time_s", "stages_ran", "stages_reused", "error", "stages", "job_id"}
+RESULT_KEYS = {"run", "status", "val_acc", "density", "time_s", "stages_ran", "stages_resumed", "stages_reused", "error", "stages", "job_id"}
 
 
 def grid_summary(rows: list[dict], varied: list[str] | None = None) -> tuple[list[dict], dict]:
     """Mean and sample std of val_acc over seeds, per density and per combination of the other
-    varied keys (a line each). Returns (groups, keys used): each group has `line` (the other
-    keys' values), `density`, `n`, `mean`, `std`."""
+    varied keys (a line each), the lines in the order the rows first name them (the order of the
+    grid's runs, as the command line's table), each line's densities in ascending order. Returns
+    (groups, keys used): each group has `line` (the other keys' values), `density`, `n`, `mean`,
+    `std`, and `kept` (the mean of the density the runs reached, None when not recorded)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     if varied is None:  # keys whose values differ between rows, results aside
         varied = [k for k in keys if k not in RESULT_KEYS and len({json.dumps(r.get(k), default=str) for r in rows}) > 1]
@@ -72,11 +74,19 @@ def grid_summary(rows: list[dict], varied: list[str] | None = None) -> tuple[lis
     def ok(r: dict) -> bool:
         return str(r.get("status", "") or "").lower() not in FAILED and number(r.get("val_acc")) is not None and number(r.get(dk)) is not None
 
-    good = [r for r in rows if ok(r)]
-    for r in good:
-        r["_x"] = number(r[dk])
-    stats = over_seeds(good, [*line_keys, "_x"], ["val_acc"])
-    out = [{"line": [g[k] for k in line_keys], "density": g["_x"], "n": g["ok"], "mean": g["val_acc_mean"], "std": g["val_acc_std"]}
-           for g in stats]
-    out.sort(key=lambda g: (json.dumps(g["line"], default=str), g["density"]))
+    good = [dict(r, _x=number(r[dk])) for r in rows if ok(r)]
+    stats = over_seeds(good, [*line_keys, "_x"], ["val_acc", "density"])
+    out = [{"line": [g[k] for k in line_keys], "density": g["_x"], "n": g["ok"], "mean": g["val_acc_mean"], "std": g["val_acc_std"],
+            "kept": g["density_mean"]} for g in stats]
+    first: dict[str, int] = {}
+    for g in out:
+        first.setdefault(json.dumps(g["line"], default=str), len(first))
+    out.sort(key=lambda g: (first[json.dumps(g["line"], default=str)], g["density"]))
     return out, {"lines": line_keys, "density": dk, "skipped": len(rows) - len(good)}
+
+
+def independent_of_density(groups: list[dict]) -> bool:
+    """Whether a line's runs all reached the same density whatever the grid's density was (a
+    dense baseline, say): drawn as a reference, not as a curve across the densities."""
+    kept = {g.get("kept") for g in groups}
+    return len(groups) > 1 and len(kept) == 1 and None not in kept and {g["density"] for g in groups} != kept

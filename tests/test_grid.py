@@ -232,6 +232,24 @@ def test_grid_2x2x2_two_workers_shares_prune_stages_and_resumes(tmp_path):
     assert res.exit_code == 0 and "magnitude" in res.output and "8 of 8 runs" in res.output
 
 
+def test_a_grid_run_with_set_keeps_its_own_results(tmp_path):
+    """`pab grid G --set k=v` writes to `<grid name>+k=v/` and records the --set; the results of
+    the grid as written (or with another --set) are never overwritten."""
+    p = _write(tmp_path, "base: spec.yaml\ngrid: {stages.prune.pruner.density: [0.2, 0.5]}\nset: {stages.train.epochs: 1}\n")
+    assert _cli("grid", str(p)).exit_code == 0
+    plain = tmp_path / "runs" / "grid" / "results.json"
+    before = plain.read_bytes()
+    res = _cli("grid", str(p), "--set", "stages.train.optimizer.ar=0.01")
+    assert res.exit_code == 0, res.output
+    mine = tmp_path / "runs" / "grid+stages.train.optimizer.ar=0.01" / "results.json"
+    assert "--set stages.train.optimizer.ar=0.01" in res.output and "grid+stages.train.optimizer.ar=0.01" in res.output
+    assert plain.read_bytes() == before  # untouched
+    assert json.loads(mine.read_text())["overrides"] == ["stages.train.optimizer.ar=0.01"] and json.loads(before)["overrides"] == []
+    assert "--set stages.train.optimizer.ar=0.01" in _cli("results", str(mine.parent)).output
+    odd = G.load_grid(p, ["model.hidden=[16]"])
+    assert odd.dir.name.startswith("grid+set-") and "/" not in odd.dir.name  # a value no folder name can hold: a hash
+
+
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
     # run 3's image folder passes the check before the grid starts (train/ and val/ hold class
     # folders) but has no images: its train stage fails when it builds the data

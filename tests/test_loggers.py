@@ -60,7 +60,7 @@ def test_csv_and_tensorboard_match_metrics_jsonl(tmp_path):
 def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
     from pab_framework.errors import PabError
     from pab_framework.tracking import TrackedRun
-    from plugins.loggers.files import TensorBoard
+    from pab_plugins.loggers.files import TensorBoard
 
     # as if the tensorboard extra were not installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)

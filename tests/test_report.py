@@ -22,6 +22,9 @@ class Page(HTMLParser):
     def __init__(self, text: str):
         super().__init__()
         self.tables: dict[str, list[list[str]]] = {}
+        self.exact: dict[str, list[list[str]]] = {}  # the same, a number's full value (data-value) where the page gives one
+        self._exact_row = None
+        self._value = None
         self.images: list[bytes] = []
         self._table = None
         self._row = None
@@ -31,11 +34,12 @@ class Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "table":
-            self._table = self.tables.setdefault(a.get("id", f"t{len(self.tables)}"), [])
+            tid = a.get("id", f"t{len(self.tables)}")
+            self._table, self._exact = self.tables.setdefault(tid, []), self.exact.setdefault(tid, [])
         elif tag == "tr" and self._table is not None:
-            self._row = []
+            self._row, self._exact_row = [], []
         elif tag in ("td", "th") and self._row is not None:
-            self._cell = []
+            self._cell, self._value = [], a.get("data-value")
         elif tag == "img":
             src = a["src"]
             assert src.startswith("data:image/png;base64,"), src[:40]
@@ -44,9 +48,11 @@ class Page(HTMLParser):
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self._cell is not None:
             self._row.append("".join(self._cell).strip())
+            self._exact_row.append(self._value if self._value is not None else self._row[-1])
             self._cell = None
         elif tag == "tr" and self._row is not None:
             self._table.append(self._row)
+            self._exact.append(self._exact_row)
             self._row = None
         elif tag == "table":
             self._table = None
@@ -94,7 +100,7 @@ def run_report(args):
     return CliRunner().invoke(app, ["report", *map(str, args)])
 
 
-def test_report_of_a_run(tiny_run):
+def test_report_of_a_run(tiny_run, tmp_path):
     prune_dir, train_dir = tiny_run["prune"], tiny_run["train"]
     exp = prune_dir.parent
     r = run_report([exp])
@@ -105,7 +111,13 @@ def test_report_of_a_run(tiny_run):
     # every figure is embedded, a real PNG, and the same bytes as the file beside the page
     pngs = sorted(exp.glob("*.png"))
     names = {p.stem for p in pngs}
-    assert {f"{prune_dir.name}_kept", f"{train_dir.name}_curves", f"{train_dir.name}_flips", f"{train_dir.name}_kept"} <= names
+    assert {f"{prune_dir.name}_kept", f"{train_dir.name}_curves", f"{train_dir.name}_flips"} <= names
+    # the train stage's masks are the prune stage's: its section says so instead of repeating the figure
+    assert f"{train_dir.name}_kept" not in names and f"Its masks are those of {prune_dir.name}" in page_path.read_text()
+    r = run_report([train_dir, "--out", tmp_path / "alone"])  # the train stage alone: its own kept figure and table
+    assert r.exit_code == 0, r.output
+    alone = Page((tmp_path / "alone" / "report.html").read_text())
+    assert (tmp_path / "alone" / f"{train_dir.name}_kept.png").is_file()
     assert not any("psg" in n for n in names)  # PSG did not run
     assert len(page.images) == len(pngs)
     for img in page.images:
@@ -126,8 +138,10 @@ def test_report_of_a_run(tiny_run):
         assert math.isclose(num(r[3]), num(r[1]) / num(r[2]), rel_tol=1e-5)
         # a batch-of-one Linear layer costs 2 FLOPs per weight; sparse: 2 per kept weight
         assert num(r[4]) == 2 * num(r[2]) and num(r[5]) == 2 * num(r[1])
-    # the train stage's masks (read from its model.pt) are the prune stage's
-    trows = page.tables[f"layers-{train_dir.name}"][1:]
+    # the train stage's masks (read from its model.pt) are the prune stage's (shown by the report of it
+    # alone; beside its prune stage the table is not repeated)
+    assert f"layers-{train_dir.name}" not in page.tables
+    trows = alone.tables[f"layers-{train_dir.name}"][1:]
     assert {r[0]: (int(num(r[1])), int(num(r[2]))) for r in trows} == {n: tuple(v) for n, v in pres["layers"].items()}
 
     cost = kv(page.tables[f"cost-{prune_dir.name}"])
@@ -233,7 +247,8 @@ def test_report_of_a_grid(tmp_path, fmt):
     page = Page((tmp_path / "report.html").read_text())
     assert len(page.images) == 1
     check_png(page.images[0])
-    table = page.tables["grid"][1:]
+    table = page.exact["grid"][1:]  # the full values; the cells show them to 4 places, like `pab results`
+    assert all(len(r[c].split(".")[1]) == 4 for r in page.tables["grid"][1:] for c in (3, 4))
     got = {(r[0], num(r[1])): (int(num(r[2])), num(r[3]), num(r[4])) for r in table}
     assert set(got) == set(accs)
     for key, vals in accs.items():

@@ -377,8 +377,8 @@ def test_pab_plugins_lists_the_trackers():
     r = CliRunner().invoke(app, ["plugins"], terminal_width=300)
     assert r.exit_code == 0, r.output
     rows = [line for line in r.output.splitlines() if "│ logger" in line]
-    for name, target in (("csv", "plugins.loggers.files:Csv"), ("tensorboard", "plugins.loggers.files:TensorBoard"),
-                         ("mlflow", "plugins.loggers.mlflow_tracker:MLflow"), ("wandb", "plugins.loggers.wandb_tracker:WandB")):
+    for name, target in (("csv", "pab_plugins.loggers.files:Csv"), ("tensorboard", "pab_plugins.loggers.files:TensorBoard"),
+                         ("mlflow", "pab_plugins.loggers.mlflow_tracker:MLflow"), ("wandb", "pab_plugins.loggers.wandb_tracker:WandB")):
         assert any(f" {name} " in row and target in row and "ok" in row for row in rows), (name, rows)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import PabError
 from ..progress import Reporter
@@ -21,13 +22,18 @@ def with_slurm_flags(g, *, partition: str | None, time: str | None, gpus: int | 
 
 
 def record_line(run, rec: dict, n: int) -> str:
-    """The line a finished run prints: its status, what it reached (or its error), its stages."""
+    """The line a finished run prints: its status, what it reached (or its error), its stages:
+    how many it computed, resumed from a checkpoint (named), and reused."""
+    from ..grid.results import stage_counts  # heavy: the grid package imports torch
+
     what = f"val_acc {rec['val_acc']:.4f}" if rec.get("val_acc") is not None else ""
     if rec["status"] != "ok":
-        what = (rec.get("error") or "").splitlines()[0][:200]
-    ran = sum(1 for s in rec.get("stages", []) if not s["reused"])
-    style = "green" if rec["status"] == "ok" else "red"
-    return f"run {run.index}/{n} [{style}]{rec['status']}[/] ({run.label()}) {what}  stages ran {ran}, reused {len(rec.get('stages', [])) - ran}"
+        what = escape((rec.get("error") or "").splitlines()[0][:300])
+    ran, resumed, reused = stage_counts(rec)
+    names = [s["stage"] for s in rec.get("stages", []) if s.get("resumed") and not s["reused"]]
+    style = {"ok": "green", "interrupted": "yellow"}.get(rec["status"], "red")
+    counts = f"stages ran {ran}, " + (f"resumed {resumed} ({', '.join(names)}), " if resumed else "") + f"reused {reused}"
+    return f"run {run.index}/{n} [{style}]{rec['status']}[/] ({escape(run.label())}) {what}" + (f"  {counts}" if rec.get("stages") else "")
 
 
 def grid(
@@ -45,7 +51,11 @@ def grid(
     no_wait: bool = typer.Option(False, "--no-wait", help="slurm: submit and return; run the grid again later to collect the table."),
     debug: bool = DebugOpt,
 ):
-    """Run every combination of GRID; stages shared between runs are computed once."""
+    """Run every combination of GRID; stages shared between runs are computed once.
+
+    Exit codes: 0 every run ok; 1 some run failed (the others finished; see the table); 2 bad input
+    (grid file, spec, missing data); 3 stopped by SIGINT/SIGTERM: the runs in flight checkpointed
+    their train stages, no new run started (run the same command again to resume)."""
     from .. import grid as G  # heavy: torch (the grid runs the pipeline)
 
     try:
@@ -61,7 +71,7 @@ def grid(
         reporter = Reporter(out, mode="plain" if not sys.stdout.isatty() else "auto")
         n = len(g.runs)
         out.print(f"grid {g.name}: {n} runs of {rel(g.base)}, executor {executor}" + (f", {workers} workers" if executor == "local" else ""))
-        res = G.run_grid(g, executor=executor, workers=workers, force=force, cluster=cluster, wait=not no_wait,
+        res = G.run_grid(g, executor=executor, workers=workers, force=force, cluster=cluster, wait=not no_wait, overrides=list(set_ or []),
                          on_record=lambda run, rec: reporter.log(record_line(run, rec, n)))
     except PabError as e:
         fail(e, debug)

@@ -8,11 +8,27 @@ import traceback
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from ..errors import PabError
 
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+class _Console(Console):
+    """rich's Console with its width read when it prints: the terminal's, COLUMNS when set, else
+    160 columns (a file or a pipe, where rich would assume 80)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self._width is None and not self.is_terminal and not os.environ.get("COLUMNS"):
+            return ConsoleDimensions(160, size.height)
+        return size
+
+    @size.setter
+    def size(self, new) -> None:
+        Console.size.fset(self, new)
+
+
+out = _Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")

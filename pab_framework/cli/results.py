@@ -8,19 +8,28 @@ import typer
 
 from ..errors import PabError
 from .output import DebugOpt, fail, out, rel
-from .tables import print_results, print_stages
+from .tables import print_contents, print_results, print_stages
 
 
 def results(directory: Path = typer.Argument(..., metavar="DIR", help="An experiment directory (<output_dir>/<name>/), one stage "
                                              "directory, or a grid directory (<output_dir>/<grid name>/) or its results.json."),
             debug: bool = DebugOpt):
-    """Print the results table of an experiment (its stages, from their result.json) or of a grid (from its results.json)."""
+    """Print the results table of an experiment (its stages, from their result.json) or of a grid (from its results.json);
+    given the output directory that holds them (runs/), list its experiments and grids."""
     from .. import artifacts  # heavy: torch
     from ..grid import RESULTS_JSON, load_results
+    from ..listing import output_contents
 
     try:
+        if not directory.exists():
+            raise PabError(f"{directory}: no such directory or file; give an experiment directory (<output_dir>/<name>/), one stage "
+                           f"directory, a grid directory, or the output directory that holds them")
         if directory.is_dir() and not (directory / RESULTS_JSON).is_file():
             stages = artifacts.experiment_stages(directory)
+            found = [] if stages else output_contents(directory)
+            if found:  # the output directory: the experiments and grids in it
+                print_contents(directory, found)
+                return
             if not stages:
                 raise PabError(f"{directory}: no stage directories (<stage>-<key>/ with spec.yaml) and no {RESULTS_JSON} here; give an "
                                f"experiment directory (<output_dir>/<name>/), one stage directory, or a grid directory")

@@ -30,7 +30,7 @@ def _launch(s, n: int, argv: list[str], *, force: bool, debug: bool, max_restart
                               log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
 
 
-def _run_here(s, *, force: bool, restart: bool, progress: str | None):
+def _run_here(s, *, force: bool, restart: bool, progress: str | None, overrides: list[str]):
     """Run the spec in this process (one rank of a DDP job under a launcher): (DistInfo, outcomes)."""
     from .. import distributed  # heavy: torch
     from ..pipeline import run_spec
@@ -38,7 +38,7 @@ def _run_here(s, *, force: bool, restart: bool, progress: str | None):
     dist = distributed.from_env()
     with distributed.session(s.runtime, dist):
         reporter = Reporter(out, mode=progress or s.runtime.progress, enabled=dist.is_main)
-        return dist, run_spec(s, force=force, restart=restart, reporter=reporter, dist=dist)
+        return dist, run_spec(s, force=force, restart=restart, reporter=reporter, dist=dist, overrides=overrides)
 
 
 def run(
@@ -75,7 +75,7 @@ def run(
             raise typer.Exit(_launch(s, n, argv, force=force, debug=debug, max_restarts=restarts))
         if distributed.restarted():  # the launcher's restart after a process died: resume, as --force and --restart were done
             force = restart = False
-        dist, outcomes = _run_here(s, force=force, restart=restart, progress=progress)
+        dist, outcomes = _run_here(s, force=force, restart=restart, progress=progress, overrides=list(set_ or []))
     except PabError as e:
         fail(e, debug)
         return

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import traceback
 from concurrent import futures
+from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,21 +20,23 @@ import torch
 from rich.console import Console
 
 from .. import artifacts
-from ..checkpoint import Interrupted
+from ..checkpoint import Interrupted, StopSignals
 from ..errors import PabError
+from ..formatting import as_written
 from ..pipeline import run_spec
 from ..progress import Reporter
 from ..specification import spec_from_dict
 from ..tracking import Group
 from .gridfile import Grid, Run
 from .plan import StagePlan, check_runs_data, plan_grid, schedule
-from .results import write_results
+from .results import RESULTS_JSON, write_results
 from .slurm import PreemptibleRun, _submitit, make_submitit_executor
 
 
 def run_one(payload: dict) -> dict:
     """Run one expanded spec (in a worker process or a SLURM job); never raises: a failure is
-    recorded with its error. Output goes to the run's log file."""
+    recorded with its error, a stop by a signal as `interrupted` (a train stage stopped at a
+    step boundary and wrote its checkpoint). Output goes to the run's log file."""
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"run": payload["index"], "status": "failed", "error": None, "stages": [], "run_wall_s": 0.0}
     log_path = Path(payload["log"])
@@ -41,20 +46,27 @@ def run_one(payload: dict) -> dict:
         reporter = Reporter(console, mode="plain")
         reporter.log(f"== run {payload['index']}: {payload.get('label', '')} (pid {os.getpid()})")
         try:
-            if payload.get("threads"):
-                torch.set_num_threads(int(payload["threads"]))
-            spec = spec_from_dict(payload["data"], source=payload["source"], base_dir=Path(payload["base_dir"]))
-            group = Group(**payload["group"]) if payload.get("group") else None  # the grid, for the trackers
-            outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter, group=group)
+            with _interruptible():
+                if payload.get("threads"):
+                    torch.set_num_threads(int(payload["threads"]))
+                spec = spec_from_dict(payload["data"], source=payload["source"], base_dir=Path(payload["base_dir"]))
+                group = Group(**payload["group"]) if payload.get("group") else None  # the grid, for the trackers
+                outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter, overrides=payload.get("overrides"), group=group)
             rec["stages"] = [
-                {"stage": o.stage_id, "kind": o.kind, "dir": str(o.dir), "reused": o.reused, "wall_s": float(o.result.get("wall_s", o.wall_s))}
+                {"stage": o.stage_id, "kind": o.kind, "dir": str(o.dir), "reused": o.reused, "resumed": o.resumed,
+                 "wall_s": float(o.result.get("wall_s", o.wall_s))}
                 for o in outcomes
             ]
             rec.update(_metrics([o.result for o in outcomes]))
             rec["status"] = "ok"
+        except Interrupted as e:  # a train stage stopped at a step boundary, its checkpoint written
+            rec["status"], rec["error"] = "interrupted", str(e).split(" Run the same command again")[0]
+            reporter.log(f"stopped: {e}")
+        except KeyboardInterrupt:  # outside a training loop: what that stage did so far is redone
+            rec["status"], rec["error"] = "interrupted", "SIGINT outside a training loop (while preparing, pruning or writing): that stage starts over"
+            reporter.log(f"stopped: {rec['error']}")
         except PabError as e:
             rec["error"] = str(e)
-            rec["stopped"] = isinstance(e, Interrupted)  # by a signal, at a checkpoint (a SLURM job requeues itself)
             reporter.log(f"error: {e}")
         except Exception as e:  # a bug or a crash in a plugin: recorded, the other runs go on
             rec["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:500]
@@ -62,6 +74,20 @@ def run_one(payload: dict) -> dict:
         rec["run_wall_s"] = round(time.perf_counter() - t0, 3)
         reporter.log(f"== run {payload['index']} {rec['status']} in {rec['run_wall_s']:.1f}s")
     return rec
+
+
+@contextmanager
+def _interruptible():
+    """SIGINT raises KeyboardInterrupt while a run runs (a grid worker ignores it between runs);
+    a train stage's own handler turns it into a checkpoint and a stop at the next step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _metrics(results: list[dict]) -> dict:
@@ -79,7 +105,8 @@ def _metrics(results: list[dict]) -> dict:
 def _record_from_disk(plans: list[StagePlan]) -> dict:
     results = [artifacts.read_json(sp.dir / artifacts.RESULT) for sp in plans]
     rec = {"status": "ok", "error": None, "run_wall_s": 0.0,
-           "stages": [{"stage": sp.stage_id, "kind": sp.kind, "dir": str(sp.dir), "reused": True, "wall_s": float(r.get("wall_s", 0.0))} for sp, r in zip(plans, results)]}
+           "stages": [{"stage": sp.stage_id, "kind": sp.kind, "dir": str(sp.dir), "reused": True, "resumed": False, "wall_s": float(r.get("wall_s", 0.0))}
+                      for sp, r in zip(plans, results)]}
     rec.update(_metrics(results))
     return rec
 
@@ -97,7 +124,13 @@ class GridOutcome:
         return [i for i, r in self.records.items() if r["status"] != "ok"]
 
 
-def _payload(grid: Grid, run: Run, force: bool, threads: int | None) -> dict:
+def run_overrides(run: Run, overrides: list[str] | None = None) -> list[str]:
+    """What made this run differ from the base spec, as `key=value` assignments: the command
+    line's `--set`, then the run's grid values (recorded in the spec.yaml of each stage it computes)."""
+    return [*(overrides or []), *(f"{k}={as_written(v)}" for k, v in run.varied.items())]
+
+
+def _payload(grid: Grid, run: Run, force: bool, threads: int | None, overrides: list[str] | None = None) -> dict:
     return {
         "index": run.index,
         "label": run.label(),
@@ -107,6 +140,7 @@ def _payload(grid: Grid, run: Run, force: bool, threads: int | None) -> dict:
         "log": str(grid.dir / "logs" / f"run-{run.index:04d}.log"),
         "force": force,
         "threads": threads,
+        "overrides": run_overrides(run, overrides),
         "group": {"name": grid.name, "axes": dict(run.varied), "label": run.label()},
     }
 
@@ -120,8 +154,11 @@ def run_grid(
     on_record: Callable[[Run, dict], None] | None = None,
     cluster: str = "slurm",
     wait: bool = True,
+    overrides: list[str] | None = None,
 ) -> GridOutcome:
-    """Run every run of the grid that is not complete; write the results after each one."""
+    """Run every run of the grid that is not complete; write the results after each one. A signal
+    (SIGINT, SIGTERM, SIGHUP) stops the local runs in flight at their next step boundary, starts no
+    new one, writes the results so far and raises Interrupted (exit 3): run again to resume."""
     plans = plan_grid(grid)
     check_runs_data(grid, plans, force)  # before the first run starts
     records: dict[int, dict] = {}
@@ -142,66 +179,135 @@ def run_grid(
             todo.append(run)
     queue = schedule(todo, plans) if not force else todo
     submitted: list[str] = []
+    stopped_by = None
     if queue:
         if executor == "local":
-            _run_local(grid, queue, workers, force, record)
+            stopped_by = _run_local(grid, queue, workers, force, record, overrides)
         elif executor == "slurm":
-            submitted = _run_submitit(grid, queue, force, record, cluster, wait)
+            submitted = _run_submitit(grid, queue, force, record, cluster, wait, overrides)
         else:
             raise PabError(f"unknown executor {executor!r}: use local or slurm")
     results = write_results(grid, records)
+    if stopped_by is not None:
+        raise Interrupted(stopped_message(stopped_by, grid, queue, records))
     return GridOutcome(grid, {i: records[i] for i in sorted(records)}, results, submitted)
+
+
+def _runs(indices: list[int]) -> str:
+    return f"run{'s' if len(indices) != 1 else ''} {', '.join(map(str, indices[:12]))}{'...' if len(indices) > 12 else ''}"
+
+
+def stopped_message(signame: str, grid: Grid, queue: list[Run], records: dict[int, dict]) -> str:
+    """What a signal stopped: the runs it interrupted, those it kept from starting, where the
+    results are, and how to go on."""
+    cut = [r.index for r in queue if records.get(r.index, {}).get("status") == "interrupted"]
+    finished = [r.index for r in queue if r.index in records and r.index not in cut]
+    waiting = [r.index for r in queue if r.index not in records]
+    parts = [f"{_runs(cut)} interrupted (a train stage wrote a checkpoint at its next step boundary; each run's line above says where)"
+             if cut else "no run was in progress"]
+    if waiting:
+        parts.append(f"{len(waiting)} not started")
+    if finished:
+        parts.append(f"{len(finished)} finished before the signal")
+    return (f"{signame} while grid {grid.name} ran: " + "; ".join(parts) + f". The results so far are in {grid.dir / RESULTS_JSON}. "
+            f"Run the same command again to resume (exit code {Interrupted.exit_code}).")
 
 
 def _failed(error: str) -> dict:
     return {"status": "failed", "error": error, "stages": [], "run_wall_s": 0.0, "val_acc": None, "density": None, "time_s": None}
 
 
-def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record) -> None:
+def _worker_init() -> None:
+    """A local grid worker: in a process group of its own, so that a Ctrl-C in the terminal reaches
+    the grid's main process alone, which passes one SIGINT on to each worker (see _Stop); and
+    deaf to SIGINT between runs (run_one listens while a run runs)."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _Stop(StopSignals):
+    """While local runs are in flight: SIGINT, SIGTERM or SIGHUP to the grid sends each worker
+    SIGINT (its train stage checkpoints at the next step boundary and stops; a stage outside a
+    training loop stops at once) and starts no new run. A second signal is passed on too: the
+    workers stop at once, without a checkpoint. `requested` names the first signal."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __init__(self):
+        super().__init__()
+        self.pool: futures.ProcessPoolExecutor | None = None
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = self.requested or signal.Signals(signum).name
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            try:
+                os.kill(proc.pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):  # gone already
+                pass
+
+
+def _run_local(grid: Grid, queue: list[Run], workers: int, force: bool, record, overrides: list[str] | None = None) -> str | None:
+    """The runs of `queue`, `workers` at a time, each in a worker process; the name of the signal
+    that stopped them, or None when every run finished."""
     if workers < 1:
         raise PabError(f"--workers must be at least 1 (got {workers})")
     workers = min(workers, len(queue))
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+    def new_pool() -> futures.ProcessPoolExecutor:
+        return futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+
     pending = list(queue)
     inflight: dict[Any, Run] = {}
-    try:
-        while pending or inflight:
-            while pending and len(inflight) < workers:
-                run = pending.pop(0)
-                inflight[pool.submit(run_one, _payload(grid, run, force, threads))] = run
-            done, _ = futures.wait(list(inflight), return_when=futures.FIRST_COMPLETED)
-            broken = False
-            for f in done:
-                run = inflight.pop(f)
-                try:
-                    rec = f.result()
-                except BrokenProcessPool:
-                    broken = True
-                    rec = _failed("its worker process died (killed, or crashed outside Python); see its log")
-                except Exception as e:  # pragma: no cover - run_one catches what it can
-                    rec = _failed(f"{type(e).__name__}: {e}")
-                record(run, rec)
-            if broken:  # the pool is unusable: the runs still in it died with it
-                for f, run in list(inflight.items()):
-                    record(run, _failed("its worker process died (killed, or crashed outside Python); see its log"))
-                inflight.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    with _Stop() as stop:
+        stop.pool = pool = new_pool()
+        try:
+            while inflight or (pending and stop.requested is None):
+                while pending and len(inflight) < workers and stop.requested is None:
+                    run = pending.pop(0)
+                    inflight[pool.submit(run_one, _payload(grid, run, force, threads, overrides))] = run
+                done, _ = futures.wait(list(inflight), timeout=1.0, return_when=futures.FIRST_COMPLETED)
+                if _collect(done, inflight, record):  # the pool is unusable: the runs still in it died with it
+                    for f, run in list(inflight.items()):
+                        record(run, _failed(WORKER_DIED))
+                    inflight.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    stop.pool = pool = new_pool()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return stop.requested
 
 
-def _run_submitit(grid: Grid, queue: list[Run], force: bool, record, cluster: str, wait: bool) -> list[str]:
+WORKER_DIED = "its worker process died (killed, or crashed outside Python); see its log"
+
+
+def _collect(done, inflight: dict, record) -> bool:
+    """Record the finished futures' runs; whether the pool broke."""
+    broken = False
+    for f in done:
+        run = inflight.pop(f)
+        try:
+            rec = f.result()
+        except BrokenProcessPool:
+            broken = True
+            rec = _failed(WORKER_DIED)
+        except Exception as e:  # pragma: no cover - run_one catches what it can
+            rec = _failed(f"{type(e).__name__}: {e}")
+        record(run, rec)
+    return broken
+
+
+def _run_submitit(grid: Grid, queue: list[Run], force: bool, record, cluster: str, wait: bool, overrides: list[str] | None = None) -> list[str]:
     submitit = _submitit()
     ex = make_submitit_executor(grid, cluster)
     jobs = []
     with ex.batch():  # one array job on SLURM
         for run in queue:
-            jobs.append((run, ex.submit(PreemptibleRun(run_one), _payload(grid, run, force, None))))
+            jobs.append((run, ex.submit(PreemptibleRun(run_one), _payload(grid, run, force, None, overrides))))
     if not wait:
         return [j.job_id for _, j in jobs]
     by_job = {id(j): run for run, j in jobs}

@@ -3,6 +3,7 @@ file's model is `pab_framework.grid.model`)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import re
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import PabError, Problem, SpecError
 from ..specification import NAME_PATTERN, ExperimentSpec, parse_override, set_path, spec_from_dict
+from ..specification.load import is_grid_data, is_spec_data
 from ..specification.problems import locate, problems_from_validation
 from ..yamlio import LoadedYaml, load_yaml_file
 from .model import GRID_KEYS, NAME_RULE, GridFile, SlurmOptions
@@ -52,6 +54,7 @@ class Grid:
     slurm: SlurmOptions
     runs: list[Run] = field(default_factory=list)
     variants: dict[str, dict[str, dict]] = field(default_factory=dict)  # axis -> variant name -> overrides
+    overrides: list[str] = field(default_factory=list)  # the command line's --set, applied to every run
 
     @property
     def varied_keys(self) -> list[str]:
@@ -59,9 +62,22 @@ class Grid:
 
     @property
     def dir(self) -> Path:
-        """Where the grid's results and logs go: `<output_dir>/<grid name>/` of its first run."""
+        """Where the grid's results and logs go: `<output_dir>/<grid name>/` of its first run;
+        with --set, `<grid name>+<the overrides>/`, so that a grid run with other values never
+        writes over the results of the grid as written (or of another --set)."""
         spec = self.runs[0].spec
-        return spec.resolve_path(spec.runtime.output_dir) / self.name
+        return spec.resolve_path(spec.runtime.output_dir) / (self.name + overrides_suffix(self.overrides))
+
+
+def overrides_suffix(overrides: list[str]) -> str:
+    """`+model.width=16` for `--set model.width=16` (several joined by `,`; a long or unusual one
+    as a hash of them all): a folder name that says which values a grid's results are for."""
+    if not overrides:
+        return ""
+    text = ",".join(o.strip() for o in overrides)
+    if len(text) <= 60 and re.fullmatch(r"[A-Za-z0-9_.=,:+\-]+", text):
+        return "+" + text
+    return "+set-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:10]
 
 
 def _label(varied: dict[str, Any]) -> str:
@@ -121,7 +137,7 @@ def looks_like_grid(path: str | Path) -> bool:
         data = load_yaml_file(path).data  # the spec loader's guards (size, depth, tags) apply
     except PabError:
         return False
-    return isinstance(data, dict) and "base" in data and ("grid" in data or "zip" in data or "variants" in data)
+    return is_grid_data(data)
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +147,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     set it."""
     path = Path(path)
     loaded = load_yaml_file(path, what="grid")
+    if is_spec_data(loaded.data):
+        raise _grid_error([Problem((), f"this is an experiment spec (stages: and no base:), not a grid file: run it with `pab run {path}`; "
+                                       f"a grid file names its base spec (base: {path.name}) and the values to vary (grid:, zip:, variants:)",
+                                   None, str(path))])
     model = _read(path, loaded)
     base = Path(model.base).expanduser()
     if not base.is_absolute():
@@ -147,6 +167,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     # a variant axis varies slowest; its values are the variants' names
     axes = {**{a: list(vs) for a, vs in model.variants.items()}, **model.grid}
     grid = Grid(path=path, name=model.name or path.stem, base=base, axes=axes, zipped=model.zip, fixed=model.set, slurm=model.slurm,
+                overrides=list(overrides or []),
                 variants=model.variants)
     _Expansion(grid, loaded, load_yaml_file(base), cli_set).runs()
     return grid

@@ -15,9 +15,16 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 
 
+def stage_counts(rec: dict) -> tuple[int, int, int]:
+    """A run's stages: (computed from scratch, resumed from a checkpoint, reused complete)."""
+    stages = rec.get("stages", [])
+    resumed = sum(1 for s in stages if not s["reused"] and s.get("resumed"))
+    reused = sum(1 for s in stages if s["reused"])
+    return len(stages) - resumed - reused, resumed, reused
+
+
 def _row(grid: Grid, run: Run, rec: dict) -> dict:
-    ran = sum(1 for s in rec.get("stages", []) if not s["reused"])
-    reused = sum(1 for s in rec.get("stages", []) if s["reused"])
+    ran, resumed, reused = stage_counts(rec)
     return {
         "run": run.index,
         **{k: run.varied[k] for k in grid.varied_keys},
@@ -26,6 +33,7 @@ def _row(grid: Grid, run: Run, rec: dict) -> dict:
         "density": rec.get("density"),
         "time_s": rec.get("time_s"),
         "stages_ran": ran,
+        "stages_resumed": resumed,
         "stages_reused": reused,
         "error": rec.get("error"),
         "stages": {s["stage"]: s["dir"] for s in rec.get("stages", [])},
@@ -45,18 +53,22 @@ def write_results(grid: Grid, records: dict[int, dict]) -> dict:
     rows = [_row(grid, by_index[i], records[i]) for i in sorted(records)]
     varied = grid.varied_keys
     total_ran = sum(r["stages_ran"] for r in rows)
+    total_resumed = sum(r["stages_resumed"] for r in rows)
     total_reused = sum(r["stages_reused"] for r in rows)
     results = {
         "grid": grid.name,
         "grid_file": str(grid.path.resolve()),
         "base": str(grid.base.resolve()),
         "varied": varied,
+        "overrides": list(grid.overrides),  # the --set every run had (the grid directory's name says them too)
         "runs_total": len(grid.runs),
         "summary": {
             "runs": len(rows),
             "ok": sum(r["status"] == "ok" for r in rows),
-            "failed": sum(r["status"] != "ok" for r in rows),
+            "failed": sum(r["status"] not in ("ok", "interrupted") for r in rows),
+            "interrupted": sum(r["status"] == "interrupted" for r in rows),
             "stages_ran": total_ran,
+            "stages_resumed": total_resumed,
             "stages_reused": total_reused,
         },
         "rows": rows,
@@ -65,7 +77,7 @@ def write_results(grid: Grid, records: dict[int, dict]) -> dict:
     grid.dir.mkdir(parents=True, exist_ok=True)
     artifacts.atomic_write_text(grid.dir / RESULTS_JSON, json.dumps(results, indent=2, allow_nan=False) + "\n")
     buf = io.StringIO()
-    cols = ["run", *varied, "status", "val_acc", "density", "time_s", "stages_ran", "stages_reused", "error"]
+    cols = ["run", *varied, "status", "val_acc", "density", "time_s", "stages_ran", "stages_resumed", "stages_reused", "error"]
     w = csv.writer(buf)
     w.writerow(cols)
     for r in rows:

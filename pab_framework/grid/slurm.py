@@ -91,7 +91,7 @@ class PreemptibleRun:
     SLURM warns a job with a signal: SIGUSR2 ahead of the time limit (submitit's sbatch asks for
     `--signal=USR2@90`), SIGTERM on a pre-emption (submitit expects SIGUSR2 after it). In
     training, pab takes either: it writes a checkpoint at the next step and the run stops (exit
-    code 3's Interrupted, which `run` records as `stopped`). The job then hands SIGUSR2 on to
+    code 3's Interrupted, which `run` records as `interrupted`). The job then hands SIGUSR2 on to
     submitit, whose handler asks `checkpoint()` for the same run (a `DelayedSubmission`) and
     requeues the job; the requeued job runs the grid run again, which resumes from pab's
     checkpoint. SIGUSR2 outside training goes to submitit at once (a stage without checkpoints
@@ -102,7 +102,7 @@ class PreemptibleRun:
 
     def __call__(self, payload: dict) -> dict:
         rec = self.run(payload)
-        if rec.get("stopped"):
+        if rec.get("status") == "interrupted":
             _hand_on_to_submitit()
         return rec
 

@@ -92,12 +92,30 @@ def stage_model_cost(d: Path, doc: dict) -> tuple[dict | None, str]:
     return cost, note
 
 
-def cost_table(tag: str, c: dict) -> Table:
+def _memory_row(c: dict, label: str, b: float) -> list:
+    """A row of bytes: the count, and how it compares with the dense float32 weights."""
     mb = c["bytes_float32"]
+    ratio = "" if b == mb else (f", {mb / b:.1f}x smaller" if b else "")
+    return [label + " (bytes)", int(math.ceil(b)), human_bytes(b) + ratio]
 
+
+def _file_rows(c: dict) -> list[list]:
+    rows = [_memory_row(c, "model.pt, the file", c["file_model_pt"])]
+    if c.get("file_packed") is not None:
+        rows.append(_memory_row(c, "packed file (pab export)", c["file_packed"]))
+    return rows
+
+
+def files_table(tag: str, c: dict) -> Table:
+    """The stage's own files (model.pt, the packed file): what a stage whose masks another
+    section already costs adds."""
+    return Table(f"files-{tag}", "Files of this stage's network", ["", "value", ""], _file_rows(c),
+                 "Bytes on disk; beside them, how many times smaller than the dense float32 weights.")
+
+
+def cost_table(tag: str, c: dict) -> Table:
     def mem(label: str, b: float) -> list:
-        ratio = "" if b == mb else (f", {mb / b:.1f}x smaller" if b else "")
-        return [label + " (bytes)", int(math.ceil(b)), human_bytes(b) + ratio]
+        return _memory_row(c, label, b)
 
     rows = [
         ["parameters (all)", c["params"], ""],
@@ -109,11 +127,9 @@ def cost_table(tag: str, c: dict) -> Table:
         mem("weights, float32 (dense)", c["bytes_float32"]),
         mem("weights, float32 values of kept weights only", c["bytes_float32_sparse"]),
         mem("weights, mask bitmap + 1 sign bit per kept weight", c["bytes_bitmap_signs"]),
-        mem("model.pt, the file", c["file_model_pt"]),
+        *_file_rows(c),
     ]
-    if c.get("file_packed") is not None:
-        rows.append(mem("packed file (pab export)", c["file_packed"]))
-    return Table(f"cost-{tag}", "Parameters, FLOPs and memory", ["", "value", ""], rows,
+    return Table(f"cost-{tag}", "Parameters, FLOPs and memory", ["", "value (count; bytes where named)", ""], rows,
                  "FLOPs by torch.utils.flop_counter.FlopCounterMode on one input (a multiply-add counts 2); after pruning, each "
                  "Conv2d/Linear layer's FLOPs are scaled by its kept fraction, other operations stay dense. The mask + sign row "
                  "stores no magnitudes: with sign-only training (Bop) they are the initialisation, regenerated from the seed; the "

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .. import artifacts
 from ..errors import ArtifactError
-from ..formatting import readable
+from ..formatting import as_written, readable
 from ..grid import short_names
-from ..stats import grid_summary
+from ..stats import grid_summary, independent_of_density
 from .draw import density_figure
 from .page import Section, Table, slug
 
@@ -43,6 +43,10 @@ def _label(values: list, keys: list[str]) -> str:
     return ", ".join(f"{n}={readable(v)}" for n, v in zip(short_names(keys), values))
 
 
+def _four(v) -> str:
+    return f"{v:.4f}"
+
+
 def grid_section(d: Path) -> Section:
     rows, varied, src = read_grid_rows(d)
     groups, used = grid_summary(rows, varied)
@@ -53,12 +57,18 @@ def grid_section(d: Path) -> Section:
     lines: dict[str, list[dict]] = {}
     for g in groups:
         lines.setdefault(_label(g["line"], used["lines"]), []).append(g)
+    references = {k: gs for k, gs in lines.items() if independent_of_density(gs)}
+    curves = {k: gs for k, gs in lines.items() if k not in references}
     heads = short_names(used["lines"]) if used["lines"] else []
     legend_title = ", ".join(heads) if heads else None
     sec.figures.append(density_figure(f"grid_{slug(d.name)}_val_acc", "val_acc against density" + (f", per {legend_title}" if legend_title else ""),
-                                      lines, f"density ({used['density']})", legend_title))
-    sec.tables.append(Table("grid", "val_acc per " + " and ".join([*heads, "density"]), [*heads, "density", "seeds", "val_acc mean", "val_acc std"],
-                            [[*g["line"], g["density"], g["n"], g["mean"], g["std"]] for g in groups],
-                            f"Grouped by {', '.join(used['lines']) or '(nothing else varied)'} and {used['density']}; "
-                            f"{used['skipped']} row(s) without a result were left out."))
+                                      curves or lines, f"density ({used['density']}; fraction of weights kept)", legend_title,
+                                      references if curves else None))
+    sec.tables.append(Table("grid", "val_acc per " + " and ".join([*heads, "density"]),
+                            [*heads, "density", "seeds", "val_acc mean (fraction correct)", "val_acc std", "density reached (mean)"],
+                            [[*g["line"], g["density"], g["n"], g["mean"], g["std"], g["kept"]] for g in groups],
+                            f"Grouped by {', '.join(used['lines']) or '(nothing else varied)'} and {used['density']}, in the order of the "
+                            f"grid's runs (as `pab results` lists them); {used['skipped']} row(s) without a result were left out. "
+                            f"The density column is the grid's value; `density reached` is what the runs' masks kept.",
+                            formats=[*([None] * len(heads)), as_written, None, _four, _four, _four]))
     return sec

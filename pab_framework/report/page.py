@@ -7,7 +7,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any
+from typing import Any, Callable
 
 from ..formatting import readable
 
@@ -27,6 +27,12 @@ class Table:
     header: list[str]
     rows: list[list[Any]]
     note: str = ""
+    # per column, how its numbers are written (one precision down a column); None: `readable`
+    formats: list[Callable[[Any], str] | None] | None = None
+
+    def cell(self, i: int, v: Any) -> str:
+        f = self.formats[i] if self.formats is not None and i < len(self.formats) else None
+        return readable(v) if f is None or v is None else f(v)
 
 
 @dataclass
@@ -57,9 +63,14 @@ def _table_html(t: Table) -> list[str]:
     out = [f"<h3>{escape(t.title)}</h3><table id=\"{escape(t.id)}\"><thead><tr>{''.join(f'<th>{escape(h)}</th>' for h in t.header)}</tr></thead><tbody>"]
     for r in t.rows:
         cells = []
-        for v in r:
-            num = isinstance(v, (int, float)) and not isinstance(v, bool)
-            cells.append(f"<td class=\"num\">{escape(readable(v))}</td>" if num else f"<td>{escape(readable(v))}</td>")
+        for i, v in enumerate(r):
+            text = escape(t.cell(i, v))
+            if isinstance(v, float):  # the number in full beside the one shown, for anyone reading the page with a program
+                cells.append(f"<td class=\"num\" data-value=\"{v!r}\">{text}</td>")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                cells.append(f"<td class=\"num\">{text}</td>")
+            else:
+                cells.append(f"<td>{text}</td>")
         out.append(f"<tr>{''.join(cells)}</tr>")
     out.append("</tbody></table>")
     if t.note:

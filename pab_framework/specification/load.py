@@ -7,13 +7,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..errors import SpecError
+from ..errors import Problem, SpecError
 from ..expand import expand
 from ..registry import Registry, registry as default_registry
 from ..yamlio import LoadedYaml, load_yaml_file
 from .finite import finite_problems, without_nonfinite
 from .models import ExperimentSpec
-from .overrides import apply_override
+from .overrides import apply_override, explain, missing_prefix, parse_override
 from .problems import Found, locate, problems_from_validation
 from .resolve import Resolver
 from .sources import check_source_files
@@ -54,10 +54,14 @@ def spec_from_dict(
     overridden: dict[tuple, str] | None = None,
     base_dir: Path | None = None,
     reg: Registry | None = None,
+    created: dict[tuple, str] | None = None,
 ) -> ExperimentSpec:
     """Validate a spec dict completely (structure, every plugin's parameters, the stage graph);
-    SpecError with every problem, each at its file and line (or --set)."""
-    overridden = overridden or {}
+    SpecError with every problem, each at its file and line (or --set). `overridden`: key path ->
+    the --set that set it; `created`: the mappings a --set created (said as typos when close to
+    an existing key)."""
+    overridden = dict(overridden or {})
+    created = created or {}
     data, remap, problems = expand(data)  # vars: and repeated stage blocks
     spec = None
     if not problems:
@@ -66,6 +70,8 @@ def spec_from_dict(
         spec.place(source, loaded, overridden, remap, base_dir)
         problems = check_source_files(spec)
     if problems or spec is None:
+        problems = explain(problems, data, overridden, created)
+        overridden.update(created)  # what lies under a mapping a --set created comes from that --set
         found = [locate(path, msg, source, loaded, overridden, remap) for path, msg in problems]
         found.sort(key=lambda p: (p.line is None, p.line or 0))  # in the order they stand in the file
         raise SpecError(found)
@@ -77,7 +83,26 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, reg: Registr
     path = Path(path)
     loaded = load_yaml_file(path)
     data = copy.deepcopy(loaded.data)
+    if is_grid_data(data):
+        raise SpecError([Problem((), f"this is a grid file (base: with grid:, zip: or variants:), not an experiment spec: run its runs "
+                                     f"with `pab grid {path}` (`pab validate {path}` checks them all)", None, str(path))])
     overridden: dict[tuple, str] = {}
+    created: dict[tuple, str] = {}
     for a in overrides or []:
-        overridden[apply_override(data, a)] = a
-    return spec_from_dict(data, source=str(path), loaded=loaded, overridden=overridden, base_dir=path.resolve().parent, reg=reg)
+        new = missing_prefix(data, parse_override(a)[0])
+        path_set = apply_override(data, a)
+        overridden[path_set] = a
+        if new is not None and new != path_set:
+            created[new] = a
+    return spec_from_dict(data, source=str(path), loaded=loaded, overridden=overridden, base_dir=path.resolve().parent, reg=reg,
+                          created=created)
+
+
+def is_grid_data(data) -> bool:
+    """Whether a YAML document is a grid file (a mapping with `base:` and what it varies), not a spec."""
+    return isinstance(data, dict) and "base" in data and any(k in data for k in ("grid", "zip", "variants"))
+
+
+def is_spec_data(data) -> bool:
+    """Whether a YAML document is an experiment spec (a mapping with `stages:` and no `base:`)."""
+    return isinstance(data, dict) and "stages" in data and "base" not in data
