@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
-from . import artifacts, checkpoint, loggers
+from . import artifacts, checkpoint
 from .distributed import StopVote, state_digest
 from .errors import TrainingError
 from .metrics import EpochFigures, rewrite_table
@@ -219,9 +219,9 @@ class SkipNonFinite(Callback):
 
 # --------------------------------------------------------------------------- signals
 class StopSignals(Callback):
-    """SIGTERM/SIGINT: every rank agrees on the step boundary to stop at and requests the stop
-    there; the Trainer then writes a checkpoint (unless one was just written there) and stops with
-    exit code 3."""
+    """SIGTERM/SIGINT/SIGUSR2 (`checkpoint.StopSignals`): every rank agrees on the step boundary to
+    stop at and requests the stop there; the Trainer then writes a checkpoint (unless one was just
+    written there) and stops with exit code 3."""
 
     def setup(self, trainer, stack) -> None:
         self.signals = stack.enter_context(checkpoint.StopSignals())
@@ -238,17 +238,33 @@ class StopSignals(Callback):
 
 # --------------------------------------------------------------------------- metrics files
 class MetricsFiles(Callback):
-    """metrics.jsonl (one line per epoch: every scalar), `<table>.jsonl` (one line per epoch and
-    layer of every per-layer table) and the loggers of runtime.loggers; rank 0 writes."""
+    """metrics.jsonl (one line per epoch: every scalar) and `<table>.jsonl` (one line per epoch and
+    layer of every per-layer table); rank 0 writes."""
 
     def on_epoch_end(self, trainer, figures) -> None:
         if not trainer.dist.is_main:
             return
         epoch, d = trainer.epoch, trainer.stage.dir  # the epoch just completed, 1-based
         artifacts.write_jsonl(d / artifacts.METRICS, trainer.metrics)
-        loggers.log_epoch(d, trainer.stage.spec.runtime.loggers, trainer.metrics[-1], trainer.epochs)
         for table, rows in figures.table_rows(epoch).items():
             rewrite_table(d / f"{table}.jsonl", epoch, rows)
+
+
+class Tracking(Callback):
+    """The trackers of runtime.loggers (`pab_framework.tracking`, on rank 0): the stage's tracker
+    runs start once training knows where it stands (a resumed stage's trackers get the epochs
+    they lack then), and each epoch's metrics.jsonl line and per-layer figures follow. The
+    trackers' own threads do the work; the pipeline ends the runs once result.json is written."""
+
+    def on_epoch_start(self, trainer) -> None:
+        trainer.stage.trackers.start(trainer.stage, trainer.epochs, trainer.metrics)  # (once: later calls do nothing)
+
+    def on_epoch_end(self, trainer, figures) -> None:
+        trainer.stage.trackers.epoch(trainer.metrics[-1], figures.tables)
+
+    def on_fit_end(self, trainer) -> dict:
+        trainer.stage.trackers.start(trainer.stage, trainer.epochs, trainer.metrics)  # resumed after its last epoch: still tracked
+        return {}
 
 
 # --------------------------------------------------------------------------- progress
@@ -329,17 +345,18 @@ class RanksAgree(Callback):
 
 
 def standard(extra: Sequence[Callback] = (), *, checkpoints: Callback | None = None, on_nonfinite: str = "stop") -> list[Callback]:
-    """The callbacks every training stage runs with (progress, the non-finite policy, metrics
-    files, stop signals, `checkpoints`: the run's `checkpointing.Checkpointer`, the DDP agreement
-    check) around `extra`, the stage's own (a transform's, say), in the order their hooks run.
+    """The callbacks every training stage runs with (progress, the non-finite policy, the trackers,
+    metrics files, stop signals, `checkpoints`: the run's `checkpointing.Checkpointer`, the DDP
+    agreement check) around `extra`, the stage's own (a transform's, say), in the order their hooks run.
 
     At a step's end: progress, `extra`, the stop vote, then the periodic checkpoint.
-    At an epoch's end: progress, the metrics files, `extra` (a mask changed here is in the epoch's
-    checkpoint), the stop vote, then the epoch's checkpoint (a stop requested there needs no
-    second one)."""
+    At an epoch's end: progress, the trackers, the metrics files, `extra` (a mask changed here is
+    in the epoch's checkpoint), the stop vote, then the epoch's checkpoint (a stop requested there
+    needs no second one)."""
     return [
         Progress(),
         SkipNonFinite() if on_nonfinite == "skip" else StopOnNonFinite(),
+        Tracking(),
         MetricsFiles(),
         *extra,
         StopSignals(),

@@ -25,7 +25,7 @@ payload), then the payload, a `torch.save` of plain containers and tensors, load
 rot; the key catches a checkpoint copied from another stage.
 
 Exit codes of `pab run` (see pab_framework/cli/run.py): 0 done, 2 bad input (spec, artifact), 3 stopped by
-SIGTERM/SIGINT after writing a checkpoint (run the same command again to resume), 4 a write failed
+SIGTERM/SIGINT/SIGUSR2 after writing a checkpoint (run the same command again to resume), 4 a write failed
 (a full disk, say) and the previous checkpoint was kept.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ EXIT_WRITE_FAILED = 4
 
 
 class Interrupted(PabError):
-    """SIGTERM/SIGINT: a checkpoint was written at a step boundary; running again resumes."""
+    """SIGTERM/SIGINT/SIGUSR2: a checkpoint was written at a step boundary; running again resumes."""
 
     exit_code = EXIT_INTERRUPTED
 
@@ -300,10 +300,13 @@ def discard(stage_dir: str | Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- signals
 class StopSignals:
-    """While active, SIGTERM and SIGINT only set `requested`; the train loop checks it at every
-    step boundary, writes a checkpoint and raises Interrupted. A second signal acts at once."""
+    """While active, SIGTERM, SIGINT and SIGUSR2 (what a cluster sends ahead of a time limit or a
+    pre-emption: SLURM's `--signal=USR2@90`, submitit's default) only set `requested`; the train
+    loop checks it at every step boundary, writes a checkpoint and raises Interrupted. The same
+    signal a second time acts at once; another one while the stop is under way changes nothing (a
+    pre-empted SLURM job gets SIGTERM, then SIGUSR2)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s is not None)
 
     def __init__(self):
         self.requested: str | None = None
@@ -311,11 +314,11 @@ class StopSignals:
 
     def _handler(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.requested is not None:  # a second signal: stop now, no checkpoint
+        if self.requested == name:  # the same signal again: stop now, no checkpoint
             signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
-        self.requested = name
+        self.requested = self.requested or name
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -8,7 +8,7 @@ ones) does the rest, as open_lth keeps `training/checkpointing.py` beside `train
   the last: after the last epoch the stage's model.pt and result.json follow at once and supersede
   any checkpoint (the pipeline discards it), so a crash in that moment resumes from the epoch
   before, losing no more than a crash anywhere in an epoch does;
-- on a stop (SIGTERM/SIGINT, `request_stop`) it writes one where the loop stands, unless one was
+- on a stop (SIGTERM/SIGINT/SIGUSR2, `request_stop`) it writes one where the loop stands, unless one was
   just written there, and raises `checkpoint.Interrupted` (exit code 3).
 
 Every rank takes part in a save (the running sums are summed over ranks); rank 0 writes, in the

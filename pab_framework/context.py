@@ -19,6 +19,7 @@ from .errors import ArtifactError
 from .modelutil import apply_masks_, build_model, prunable_parameters
 from .progress import Reporter
 from .specification import ExperimentSpec, StageSpec
+from .tracking import Trackers
 
 
 @dataclass
@@ -42,6 +43,8 @@ class StageContext:
     # a stage that resumes from a checkpoint sets this to the seconds earlier sessions spent on it
     # (as recorded in the checkpoint): result.json's compute_s is this session's wall_s plus it
     earlier_s: float = 0.0
+    # the trackers of runtime.loggers (rank 0's; none elsewhere): the Trainer's Tracking callback feeds them
+    trackers: Trackers = field(default_factory=Trackers)
 
     @property
     def params(self) -> Any:

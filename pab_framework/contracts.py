@@ -233,6 +233,57 @@ class ExporterPlugin(Plugin, Protocol):
         raise NotImplementedError
 
 
+@kind("logger", "pab.loggers")
+class LoggerPlugin(Plugin, Protocol):
+    """A tracker (MLflow, Weights & Biases, TensorBoard, a CSV file): where a training stage's
+    figures go besides its metrics.jsonl (`runtime.loggers`).
+
+    The engine (`pab_framework.tracking`) calls these hooks on rank 0 only, from a thread of the
+    tracker's own, never from the training loop: a slow tracker does not slow training, and one
+    that raises gets one warning and is left out for the rest of the run. A tracker keeps no state
+    of its own: what `connect` and `start` return is handed back to its other hooks. A tracker
+    whose package is missing says so in `spec_problems` (`tracking.needs_package`), so that the
+    spec is refused with the install command before anything runs."""
+
+    @optional
+    def connect(self, params: BaseModel, scope: Any) -> Any:
+        """Reach the tracker once per run of a spec, before its first stage computes (import the
+        package, open the store); `scope` is a `pab_framework.tracking.TrackerScope` (experiment,
+        output_dir, base_dir, group). What it returns is passed to `start`. Default: None."""
+        return None
+
+    def start(self, params: BaseModel, conn: Any, run: Any) -> Any:
+        """Begin the tracker's run of one training stage, or continue it when `run.resume_id` is
+        the id `run_id` gave in an interrupted session of the stage. `run` is a
+        `pab_framework.tracking.TrackedRun`: name, experiment, group, the stage directory, `params`
+        (the resolved spec as flattened key paths), `tags` (stage, kind, key, seed, grid axes).
+        Returns the run's handle, which the other hooks receive."""
+
+    def log_epochs(self, params: BaseModel, handle: Any, epochs: list) -> None:
+        """The figures of one or more epochs that ended, each a `pab_framework.tracking.Epoch`:
+        `epoch` (1-based: the step), `scalars` (every number of its metrics.jsonl line) and
+        `layers` (its per-layer figures, `{table: {layer: {column: value}}}`). In order and each
+        epoch once, across resumes too; the epochs that end within the entry's `every_s` of the
+        last call come together in the next one."""
+
+    @optional
+    def log_artifacts(self, params: BaseModel, handle: Any, files: list[Path]) -> None:
+        """The stage's files once it is complete (spec.yaml, model.pt, result.json). Default: not kept."""
+        return None
+
+    @optional
+    def finish(self, params: BaseModel, handle: Any, status: str) -> None:
+        """End the run with `status`: FINISHED, FAILED (an error ended the stage) or KILLED (a stop
+        signal ended it; running the command again resumes it). Default: nothing to end."""
+        return None
+
+    @optional
+    def run_id(self, params: BaseModel, handle: Any) -> Optional[str]:
+        """The tracker's id of the run, kept in the stage directory so that a resumed stage
+        continues the same run. Default: None (a resumed stage starts a new one)."""
+        return None
+
+
 # --------------------------------------------------------------------------- checking and binding
 def problem(group: str, obj: Any) -> str | None:
     """Why `obj` breaks the contract of `group` (no pydantic `Params`, a required method missing,

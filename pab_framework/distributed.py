@@ -8,7 +8,9 @@ joins the process group and drives its own device. We never start processes ours
 
 Rules every rank keeps: rank 0 writes files and draws progress; every rank computes; collectives
 are entered by every rank in the same order. A rank that dies ends the job: the launcher stops the
-others at once, and a rank that hangs in a collective gives up after `runtime.dist_timeout_s`.
+others at once (and with `runtime.max_restarts: N` starts them all again, up to N times, each time
+resuming from the checkpoint), and a rank that hangs in a collective gives up after
+`runtime.dist_timeout_s`.
 """
 from __future__ import annotations
 
@@ -120,6 +122,11 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def restarted() -> bool:
+    """True in a process the elastic launcher started again after one of the job's died."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def pick_device(runtime, dist: DistInfo) -> torch.device:
     want = runtime.device
     if want == "auto":
@@ -173,6 +180,8 @@ def session(runtime, dist: DistInfo | None = None) -> Iterator[DistInfo]:
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=runtime.dist_timeout_s)
     kw = {"device_id": device} if device.type == "cuda" else {}
+    if (store := _attempt_store(dist, timeout)) is not None:
+        kw["store"] = store
     torch.distributed.init_process_group(backend=backend, timeout=timeout, rank=dist.rank, world_size=dist.world_size, **kw)
     try:
         dist.backend = backend
@@ -185,6 +194,18 @@ def session(runtime, dist: DistInfo | None = None) -> Iterator[DistInfo]:
         _destroy()
         raise
     _destroy()
+
+
+def _attempt_store(dist: DistInfo, timeout: timedelta):
+    """Under torch's elastic agent, its store with keys of this attempt's own; None elsewhere (the
+    process group's usual store). The agent serves one store for the whole job: the processes it
+    starts again after one died (runtime.max_restarts) would otherwise read the addresses the dead
+    attempt published there and wait on them."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), dist.world_size, is_master=False,
+                                       timeout=timeout)
+    return torch.distributed.PrefixStore(f"pab/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _destroy() -> None:
@@ -286,9 +307,11 @@ def exit_code_of(failures: dict) -> tuple[int, int]:
     return (128 - code if code < 0 else 1), rank
 
 
-def launch(argv: list[str], nproc: int, *, debug: bool = False, log=None, monitor_interval: float = 0.1) -> int:
+def launch(argv: list[str], nproc: int, *, max_restarts: int = 0, debug: bool = False, log=None, monitor_interval: float = 0.1) -> int:
     """Run `python -m pab_framework ARGV` in `nproc` processes on this node through torch's elastic
-    launcher (a standalone rendezvous on localhost, no restarts); returns the job's exit code."""
+    launcher (a standalone rendezvous on localhost); returns the job's exit code. When a process
+    dies, the launcher stops the others and, up to `max_restarts` times, starts them all again:
+    each run of the command resumes from the stage's last checkpoint."""
     # the launcher's machinery (80 ms of imports) only in the process that launches
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -304,7 +327,7 @@ def launch(argv: list[str], nproc: int, *, debug: bool = False, log=None, monito
         run_id=f"pab-{uuid.uuid4().hex[:12]}",
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
-        max_restarts=0,
+        max_restarts=max_restarts,
         monitor_interval=monitor_interval,
         start_method="spawn",
     )

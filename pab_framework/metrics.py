@@ -4,7 +4,7 @@ Each epoch, the Trainer, the optimizer, the transforms and the callbacks record 
 `MetricsSink`:
 
 - `sink.scalar(name, value)`: one number per epoch. It becomes a column of `metrics.jsonl`, goes to
-  the loggers (`runtime.loggers`) and is drawn by `pab report` as a curve. With `show=True` it is
+  the trackers (`runtime.loggers`) and is drawn by `pab report` as a curve. With `show=True` it is
   also shown on the epoch's progress line, after the loss and the accuracy (`sink.scalars(values,
   show=(name, ...))` likewise).
 - `sink.layers({param_name: {column: value}}, table="layers")`: per-layer figures. Each table goes

@@ -20,6 +20,7 @@ from .graph import stage_keys, topological_order
 from .metrics import finite_figures
 from .progress import Reporter
 from .specification import ExperimentSpec
+from .tracking import Group, open_trackers
 from .yamlio import dump_yaml
 
 try:
@@ -122,29 +123,32 @@ def stage_lock(sdir: Path, reporter: Reporter | None = None):
 
 
 def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False, reporter: Reporter | None = None,
-             dist: DistInfo | None = None, overrides: list[str] | None = None) -> list[StageOutcome]:
+             dist: DistInfo | None = None, overrides: list[str] | None = None, group: Group | None = None) -> list[StageOutcome]:
     """Run the stages that are not complete (all of them with `force`). A stage that left a
     checkpoint resumes from it, unless `restart` throws its checkpoint away first. `overrides`
-    (the `--set` assignments, or a grid run's values) are recorded in each computed stage's spec.yaml."""
+    (the `--set` assignments, or a grid run's values) are recorded in each computed stage's spec.yaml;
+    `group`: the grid this run belongs to, for the trackers of runtime.loggers (`pab_framework.tracking`)."""
     dist = dist or DistInfo()
     reporter = reporter or Reporter(mode=spec.runtime.progress, enabled=dist.is_main)
     device = pick_device(spec, dist)
     distributed.check(spec, dist, device)
     outcomes: dict[str, StageOutcome] = {}
-    for step in prepare(spec, dist.world_size, force=force, dist=dist):
-        st = spec.stages[step.stage_id]
-        if step.complete and not force:
-            outcomes[step.stage_id] = _reuse(step.stage_id, st.kind, step.dir, reporter)
-            continue
-        upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.dependencies()}
-        # one process at a time per stage directory; under DDP every rank takes part in the
-        # stage, so the lock (a per-process wait) is left to single-process runs
-        with stage_lock(step.dir, reporter) if not dist.enabled else _nolock():
-            if dist.broadcast_object(not force and artifacts.is_complete(step.dir)):  # another process finished it meanwhile
+    steps = prepare(spec, dist.world_size, force=force, dist=dist)
+    with open_trackers(spec, dist, reporter, group, needed=bool(to_run(steps, force))) as trackers:
+        for step in steps:
+            st = spec.stages[step.stage_id]
+            if step.complete and not force:
                 outcomes[step.stage_id] = _reuse(step.stage_id, st.kind, step.dir, reporter)
                 continue
-            ctx = StageContext(spec, step.stage_id, st, step.key, step.dir, upstream, device, reporter, dist)
-            outcomes[step.stage_id] = _compute(ctx, restart, list(overrides or []))
+            upstream = {d: Upstream(d, outcomes[d].dir, outcomes[d].result) for d in st.dependencies()}
+            # one process at a time per stage directory; under DDP every rank takes part in the
+            # stage, so the lock (a per-process wait) is left to single-process runs
+            with stage_lock(step.dir, reporter) if not dist.enabled else _nolock():
+                if dist.broadcast_object(not force and artifacts.is_complete(step.dir)):  # another process finished it meanwhile
+                    outcomes[step.stage_id] = _reuse(step.stage_id, st.kind, step.dir, reporter)
+                    continue
+                ctx = StageContext(spec, step.stage_id, st, step.key, step.dir, upstream, device, reporter, dist, trackers=trackers)
+                outcomes[step.stage_id] = _compute(ctx, restart, list(overrides or []))
     return list(outcomes.values())
 
 
@@ -187,20 +191,24 @@ def _compute(ctx: StageContext, restart: bool, overrides: list[str]) -> StageOut
         artifacts.atomic_write_text(sdir / artifacts.SPEC, dump_yaml(stage_doc(ctx, overrides)))
     dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
     t0 = time.perf_counter()
-    # a figure that is not finite (a diverged validation loss) is missing, not a failed write
-    result = finite_figures(_run_plugin(ctx))
-    wall = time.perf_counter() - t0
-    result.setdefault("wall_s", round(wall, 3))
-    # every session's time: this one's and that of the interrupted ones the stage resumed from
-    result.setdefault("compute_s", round(result["wall_s"] + ctx.earlier_s, 3))
-    result.setdefault("resumed", resumed)
-    if (sdir / artifacts.MODEL).is_file():  # what rebuilds the model's shape without the data (pab export, pab_framework.load)
-        info = ctx.data_info()
-        result.setdefault("data_info", {"num_classes": info.num_classes, "input_shape": list(info.input_shape)})
-    if dist.is_main:
-        artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
-        checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
-    dist.barrier()  # the artifacts are on disk before a later stage on any rank loads them
+    # the stage's tracker runs, if it trains: continued when it resumes, ended with its files once complete
+    with ctx.trackers.stage(ctx, resumed):
+        # a figure that is not finite (a diverged validation loss) is missing, not a failed write
+        result = finite_figures(_run_plugin(ctx))
+        wall = time.perf_counter() - t0
+        result.setdefault("wall_s", round(wall, 3))
+        # every session's time: this one's and that of the interrupted ones the stage resumed from
+        result.setdefault("compute_s", round(result["wall_s"] + ctx.earlier_s, 3))
+        result.setdefault("resumed", resumed)
+        if (sdir / artifacts.MODEL).is_file():  # what rebuilds the model's shape without the data (pab export, pab_framework.load)
+            info = ctx.data_info()
+            result.setdefault("data_info", {"num_classes": info.num_classes, "input_shape": list(info.input_shape)})
+        if dist.is_main:
+            ctx.trackers.flush()  # a file tracker's file is complete before the stage is
+            artifacts.atomic_write_json(sdir / artifacts.RESULT, result)
+            checkpoint.discard(sdir)  # complete: the result and model.pt supersede it
+            ctx.trackers.complete([sdir / artifacts.SPEC, sdir / artifacts.MODEL, sdir / artifacts.RESULT])
+        dist.barrier()  # the artifacts are on disk before a later stage on any rank loads them
     return StageOutcome(sid, kind, sdir, result, False, wall, resumed)
 
 

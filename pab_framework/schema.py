@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from .registry import Registry, registry as default_registry
-from .specification import DataCall, ExperimentSpec, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec, TransformCall
+from .specification import (DataCall, ExperimentSpec, LoggerCall, ModelCall, OptimizerCall, PluginCall, PrunerCall, QuantizerCall, StageSpec,
+                            TransformCall)
 
-CALLS: list[type[PluginCall]] = [ModelCall, DataCall, PrunerCall, OptimizerCall, QuantizerCall, TransformCall]
+CALLS: list[type[PluginCall]] = [ModelCall, DataCall, PrunerCall, OptimizerCall, QuantizerCall, TransformCall, LoggerCall]
 REF = "#/$defs/{model}"
 
 
@@ -40,10 +41,11 @@ def spec_schema(reg: Registry | None = None) -> dict[str, Any]:
                 if name not in names:
                     names.append(name)
                     variants.append(_variant("name", name, entry.obj.__doc__, own, _params_schema(entry.Params, defs)))
-        defs[call.__name__] = {"title": call.__name__, "description": f"A plugin from the {' or '.join(call.groups())} entry-point group.",
-                               "type": "object", "required": ["name"],
-                               "properties": {"name": {"enum": sorted(names)}},
-                               "anyOf": variants or [{"type": "object"}]}
+        section = {"type": "object", "required": ["name"], "properties": {"name": {"enum": sorted(names)}},
+                   "anyOf": variants or [{"type": "object"}]}
+        if call.bare_name:  # the plugin's name alone stands for it too
+            section = {"anyOf": [{"enum": sorted(names)}, section]}
+        defs[call.__name__] = {"title": call.__name__, "description": f"A plugin from the {' or '.join(call.groups())} entry-point group.", **section}
     own = StageSpec.model_json_schema(ref_template=REF)
     own.get("properties", {}).pop("kind", None)
     variants = [_variant("kind", name, entry.obj.__doc__, own, _params_schema(entry.Params, defs)) for name, entry in reg.entries("pab.stages").items()]

@@ -44,7 +44,8 @@ class Keeper(Stage):
 
 
 def test_every_kind_has_a_contract_and_every_builtin_keeps_it():
-    assert list(contracts.GROUPS) == ["model", "dataset", "pruner", "optimizer", "quantizer", "transform", "stage", "exporter"]
+    assert list(contracts.GROUPS) == ["model", "dataset", "pruner", "optimizer", "quantizer", "transform", "stage", "exporter",
+                                      "logger"]
     assert R.GROUPS is contracts.GROUPS  # the registry's kinds are the contracts' (one place to add a kind)
     reg = R.registry()
     for group, contract in contracts.CONTRACTS.items():

@@ -132,6 +132,59 @@ def test_crashing_rank_exits_nonzero(write_spec):
     assert "RuntimeError: PAB_TEST_FAIL: rank 0 crashes at step 2" in p.stderr  # a bug keeps its traceback
 
 
+def test_only_rank_0_tracks_and_a_rank_that_dies_ends_its_tracker_run(tmp_path, write_spec):
+    """runtime.loggers under DDP: one MLflow run (rank 0's), each epoch once; when rank 1 fails, rank 0
+    ends its run (FAILED, or KILLED by the launcher's SIGTERM) on its way out instead of leaving it RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "m.db"
+    spec = write_spec(TRAIN_ONLY.replace("progress: plain", f"progress: plain, loggers: [jsonl, {{name: mlflow, tracking_uri: 'sqlite:///{db}'}}]"))
+    p, wall = pab("run", spec, "--nproc", 2, "--set", "stages.train.epochs=50", env={"PAB_TEST_FAIL": "1:step:15"}, timeout=180)
+    assert p.returncode == 2, p.stderr[-3000:]  # rank 1's own code; at epoch 2, step 3
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status in ("FAILED", "KILLED")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+
+
+def test_a_worker_that_dies_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path, write_spec):
+    """runtime.max_restarts: 1. One of 2 workers is SIGKILLed mid-epoch: the launcher restarts both, which
+    resume from the stage's checkpoint and end with bitwise the weights of an uninterrupted run."""
+    spec = write_spec(TRAIN_ONLY.replace("    epochs: 3\n", "    epochs: 2\n    checkpoint_every_steps: 4\n")
+                      .replace("progress: plain", "progress: plain, max_restarts: 1"))
+    once = tmp_path / "worker-killed"  # made by the fault as it fires
+    # global step 18: epoch 2, step 6 of 12, two steps after the step-16 checkpoint
+    p, _ = pab("run", spec, "--nproc", 2, "--set", "runtime.output_dir=killed", env={"PAB_TEST_SIGNAL": "1:step:18:SIGKILL", "PAB_TEST_ONCE": str(once)},
+               timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert once.is_file()  # the worker was killed
+    assert "resuming train (train) from" in p.stdout and "epoch 2, step" in p.stdout
+    assert " resumed " in p.stdout  # the results table's status
+    q, _ = pab("run", spec, "--nproc", 2, "--set", "runtime.output_dir=whole")
+    assert q.returncode == 0, q.stderr[-3000:]
+    a, b = (stage_dir(tmp_path / d, "train") for d in ("whole", "killed"))
+    sa, ma = artifacts.load_model_artifact(a / "model.pt")
+    sb, mb = artifacts.load_model_artifact(b / "model.pt")
+    assert sa.keys() == sb.keys() and all(sa[k].numpy().tobytes() == sb[k].numpy().tobytes() for k in sa)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert [r["epoch"] for r in artifacts.read_jsonl(b / "metrics.jsonl")] == [1, 2]
+    assert json.loads((b / "result.json").read_text())["resumed"] is True
+
+
+def test_max_restarts_reaches_the_launcher(write_spec, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pab_framework.cli import app
+
+    got = []
+    monkeypatch.setattr(distributed, "launch", lambda argv, n, **kw: got.append((n, kw["max_restarts"], argv)) or 0)
+    spec = write_spec(SPEC.replace("progress: plain", "progress: plain, max_restarts: 2"))
+    for extra, want in (([], 2), (["--max-restarts", "5"], 5)):
+        r = CliRunner().invoke(app, ["run", str(spec), "--nproc", "2", *extra])
+        assert r.exit_code == 0, r.output
+        assert got[-1][:2] == (2, want) and "--max-restarts" not in got[-1][2]  # (the restarted processes are not launchers)
+
+
 def test_bad_spec_fails_before_launching(write_spec):
     spec = write_spec(SPEC.replace("batch_size: 128", "batch_size: 127"))
     p, _ = pab("run", spec, "--nproc", 2)

@@ -10,9 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, TINY_SPEC
+from conftest import HOOKS, ROOT, TINY_SPEC
 from pab_framework import grid as G
 from pab_framework.errors import PabError
 
@@ -320,6 +321,38 @@ def test_submitit_local_executor_runs_the_grid(tmp_path, monkeypatch):
     assert [r["status"] for r in out.results["rows"]] == ["ok", "ok"]
     assert all(r.get("job_id") for r in out.records.values())
     assert len(list((tmp_path / "runs" / "tiny").glob("prune-*/result.json"))) == 2
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR2", pytest.param("SIGTERM", marks=pytest.mark.slow)])
+def test_a_preempted_slurm_run_checkpoints_is_requeued_and_resumes(tmp_path, monkeypatch, signame):
+    """submitit's local executor as the cluster: SIGUSR2 (SLURM's warning ahead of a time limit) or
+    SIGTERM (a pre-emption) reaches the job mid-epoch; pab writes its checkpoint and stops, the job
+    hands SIGUSR2 to submitit, which requeues it through the run's checkpoint(); the requeued job
+    resumes and ends with bitwise the weights of an uninterrupted run."""
+    from pab_framework.pipeline import run_spec
+    from pab_framework.specification import load_spec
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PAB_TEST_SIGNAL", f"0:step:18:{signame}")  # epoch 2, step 6 of 12
+    monkeypatch.setenv("PAB_TEST_ONCE", str(tmp_path / "preempted"))  # once: the requeued job runs through
+    spec = TINY_SPEC
+    p = _write(tmp_path, "base: spec.yaml\ngrid: {seed: [0]}\nslurm: {time: 10}\n", spec)
+    out = G.run_grid(G.load_grid(p), executor="slurm", cluster="local")
+    assert not out.failed, out.records
+    assert (tmp_path / "preempted").is_file()  # the signal was sent
+    log = (tmp_path / "runs" / "grid" / "logs" / "run-0001.log").read_text()
+    assert f"{signame} at epoch 2, step 6; checkpoint written" in log  # the first job
+    assert "resuming train (train) from" in log and "at epoch 2, step 6/12" in log  # the requeued one
+    job_out = "".join(f.read_text() for f in (tmp_path / "runs" / "grid" / "slurm").rglob("*_log.out"))
+    assert "Requeued job" in job_out, job_out[-2000:]  # through submitit's own protocol
+    (train,) = (tmp_path / "runs" / "tiny").glob("train-*")
+    assert json.loads((train / "result.json").read_text())["resumed"] is True
+    monkeypatch.delenv("PAB_TEST_SIGNAL")
+    (tmp_path / "whole.yaml").write_text(spec.replace("output_dir: runs", "output_dir: whole"))
+    whole = {o.stage_id: o.dir for o in run_spec(load_spec(tmp_path / "whole.yaml"))}["train"]
+    a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(train / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
 
 
 def test_slurm_job_is_built_without_submitting(tmp_path):

@@ -1,4 +1,5 @@
-"""runtime.loggers: csv and TensorBoard get the same scalars as metrics.jsonl."""
+"""runtime.loggers: the csv and TensorBoard trackers (pab.loggers plugins) get the same scalars as
+metrics.jsonl; a logger named without its package, or unknown, is refused at validation."""
 from __future__ import annotations
 
 import csv
@@ -58,7 +59,8 @@ def test_csv_and_tensorboard_match_metrics_jsonl(tmp_path):
 
 def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
     from pab_framework.errors import PabError
-    from pab_framework.loggers import TensorBoardLogger
+    from pab_framework.tracking import TrackedRun
+    from pab_plugins.loggers.files import TensorBoard
 
     # as if the tensorboard extra were not installed
     monkeypatch.setitem(sys.modules, "tensorboard", None)
@@ -71,13 +73,15 @@ def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
     assert "runtime.loggers" in r.output and "pip install 'pab[tensorboard]'" in r.output
     assert f"{path}:14" in r.output  # the line of the runtime section
     assert "Traceback" not in r.output
-    with pytest.raises(PabError, match=r"pab\[tensorboard\]"):
-        TensorBoardLogger(write_spec("", "x").parent)
+    run = TrackedRun("train", "tiny", None, write_spec("", "x").parent, "train", "train", "k" * 64, 0, 2, {}, {}, {})
+    with pytest.raises(PabError, match=r"pab\[tensorboard\]"):  # (what its tracker thread would warn of, had it gone away after validation)
+        TensorBoard().start(TensorBoard.Params(), None, run)
 
 
 def test_unknown_logger_is_rejected(write_spec):
     from pab_framework.cli import app
 
-    path = write_spec(TINY_SPEC.replace("progress: plain", "progress: plain, loggers: [wandb]"))
+    path = write_spec(TINY_SPEC.replace("progress: plain", "progress: plain, loggers: [wandbb]"))
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 2 and "runtime.loggers[0]" in r.output
+    assert "unknown logger 'wandbb'; did you mean 'wandb'?" in r.output and f"{path}:14" in r.output

@@ -31,13 +31,17 @@ def errors(v, doc):
 def test_valid_specs_validate(validator):
     assert errors(validator, yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())) == []
     assert errors(validator, yaml.safe_load(TINY_SPEC)) == []
+    # trackers by name alone or with their parameters
+    trackers = yaml.safe_load(TINY_SPEC.replace("progress: plain", "progress: plain, loggers: [jsonl, csv, {name: mlflow, tracking_uri: 'sqlite:///m.db', every_s: 0}]"))
+    assert errors(validator, trackers) == []
 
 
 @pytest.mark.parametrize("path,value", [
     ((), ("bogus", 1)),                                        # unknown top-level key
     (("stages", "prune", "pruner"), ("densty", 0.3)),          # misspelled framework key
     (("stages", "train", "optimizer"), ("arr", 0.1)),          # misspelled plugin key
-    (("runtime",), ("loggers", ["wandb"])),                    # unknown logger
+    (("runtime",), ("loggers", ["wandbb"])),                   # unknown logger
+    (("runtime",), ("loggers", [{"name": "mlflow", "tracking_urii": "x"}])),  # misspelled logger key
     (("stages", "prune", "pruner"), ("density", 1.5)),         # out of range
     (("model",), ("name", "no_such_model")),                   # unknown plugin
 ])

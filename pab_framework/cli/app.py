@@ -67,12 +67,7 @@ def main() -> None:
 
 
 def _exit_now(code: int) -> None:
-    loggers = sys.modules.get("pab_framework.loggers")
-    if loggers is not None:  # what atexit would have done: the loggers' files closed
-        try:
-            loggers.close_loggers()
-        except Exception:  # pragma: no cover - the error being reported matters more
-            pass
+    # the trackers of runtime.loggers were ended on the way out of the run (pab_framework.tracking)
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()

@@ -19,14 +19,15 @@ def relaunch_argv(spec: Path, sets: list[str] | None, *, force: bool, restart: b
             *(["--restart"] if restart else []), *(["--progress", progress] if progress else []), *(["--debug"] if debug else [])]
 
 
-def _launch(s, n: int, argv: list[str], *, force: bool, debug: bool) -> int:
+def _launch(s, n: int, argv: list[str], *, force: bool, debug: bool, max_restarts: int) -> int:
     """Check once what each of N processes would (the DDP setup, the data), then start them
-    through torch's elastic launcher; the job's exit code."""
+    through torch's elastic launcher (restarting them up to `max_restarts` times); the job's exit code."""
     from .. import distributed, pipeline  # heavy: torch
 
     distributed.check(s, distributed.DistInfo(world_size=n, local_world_size=n), distributed.pick_device(s.runtime, distributed.DistInfo()))
     pipeline.prepare(s, n, force=force)  # once, before N processes start
-    return distributed.launch(argv, n, debug=debug, log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
+    return distributed.launch(argv, n, max_restarts=max_restarts, debug=debug,
+                              log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
 
 
 def _run_here(s, *, force: bool, restart: bool, progress: str | None, overrides: list[str]):
@@ -48,6 +49,9 @@ def run(
     progress: Optional[str] = typer.Option(None, "--progress", metavar="MODE", help="auto, rich, plain or none (default: the spec's runtime.progress)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, max=1024, metavar="N",
                                         help="Processes on this node, started through torch's elastic launcher (default: runtime.nproc_per_node)."),
+    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", min=0, max=1000, metavar="N",
+                                               help="With several processes: restart them all up to N times when one dies, resuming from "
+                                               "the checkpoint (default: runtime.max_restarts)."),
     debug: bool = DebugOpt,
 ):
     """Run every stage of SPEC (complete stages are reused; interrupted ones resume from their checkpoint).
@@ -56,7 +60,7 @@ def run(
     started through torch's elastic launcher; `torchrun ... -m pab_framework run SPEC` works alike.
 
     Exit codes: 0 done; 2 bad input (spec, missing data, artifact, plugin) or a non-finite loss; 3 stopped
-    by SIGTERM/SIGINT after writing a checkpoint (run again to resume); 4 a write failed (full disk),
+    by SIGTERM/SIGINT/SIGUSR2 after writing a checkpoint (run again to resume); 4 a write failed (full disk),
     earlier files intact.
     Under several processes the job's code is the failing rank's."""
     from .. import distributed  # heavy: torch
@@ -67,7 +71,10 @@ def run(
         n = nproc or s.runtime.nproc_per_node
         if n > 1 and not distributed.under_launcher():
             argv = relaunch_argv(spec, set_, force=force, restart=restart, progress=progress, debug=debug)
-            raise typer.Exit(_launch(s, n, argv, force=force, debug=debug))
+            restarts = s.runtime.max_restarts if max_restarts is None else max_restarts
+            raise typer.Exit(_launch(s, n, argv, force=force, debug=debug, max_restarts=restarts))
+        if distributed.restarted():  # the launcher's restart after a process died: resume, as --force and --restart were done
+            force = restart = False
         dist, outcomes = _run_here(s, force=force, restart=restart, progress=progress, overrides=list(set_ or []))
     except PabError as e:
         fail(e, debug)

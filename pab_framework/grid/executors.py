@@ -26,10 +26,11 @@ from ..formatting import as_written
 from ..pipeline import run_spec
 from ..progress import Reporter
 from ..specification import spec_from_dict
+from ..tracking import Group
 from .gridfile import Grid, Run
 from .plan import StagePlan, check_runs_data, plan_grid, schedule
 from .results import RESULTS_JSON, write_results
-from .slurm import _submitit, make_submitit_executor
+from .slurm import PreemptibleRun, _submitit, make_submitit_executor
 
 
 def run_one(payload: dict) -> dict:
@@ -49,7 +50,8 @@ def run_one(payload: dict) -> dict:
                 if payload.get("threads"):
                     torch.set_num_threads(int(payload["threads"]))
                 spec = spec_from_dict(payload["data"], source=payload["source"], base_dir=Path(payload["base_dir"]))
-                outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter, overrides=payload.get("overrides"))
+                group = Group(**payload["group"]) if payload.get("group") else None  # the grid, for the trackers
+                outcomes = run_spec(spec, force=bool(payload.get("force")), reporter=reporter, overrides=payload.get("overrides"), group=group)
             rec["stages"] = [
                 {"stage": o.stage_id, "kind": o.kind, "dir": str(o.dir), "reused": o.reused, "resumed": o.resumed,
                  "wall_s": float(o.result.get("wall_s", o.wall_s))}
@@ -139,6 +141,7 @@ def _payload(grid: Grid, run: Run, force: bool, threads: int | None, overrides: 
         "force": force,
         "threads": threads,
         "overrides": run_overrides(run, overrides),
+        "group": {"name": grid.name, "axes": dict(run.varied), "label": run.label()},
     }
 
 
@@ -304,7 +307,7 @@ def _run_submitit(grid: Grid, queue: list[Run], force: bool, record, cluster: st
     jobs = []
     with ex.batch():  # one array job on SLURM
         for run in queue:
-            jobs.append((run, ex.submit(run_one, _payload(grid, run, force, None, overrides))))
+            jobs.append((run, ex.submit(PreemptibleRun(run_one), _payload(grid, run, force, None, overrides))))
     if not wait:
         return [j.job_id for _, j in jobs]
     by_job = {id(j): run for run, j in jobs}

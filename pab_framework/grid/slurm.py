@@ -1,16 +1,19 @@
-"""The submitit executors and sbatch script of a grid, from its `slurm:` options (`SlurmOptions`)."""
+"""The submitit executors and sbatch script of a grid, from its `slurm:` options (`SlurmOptions`),
+and the job a grid run is there (`PreemptibleRun`: requeued when the cluster pre-empts it)."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import PabError
 from .gridfile import Grid
 from .model import SlurmOptions
 
-__all__ = ["SlurmOptions", "make_submitit_executor", "sbatch_script", "slurm_folder", "slurm_parameters"]
+__all__ = ["PreemptibleRun", "SlurmOptions", "make_submitit_executor", "sbatch_script", "slurm_folder", "slurm_parameters"]
 
 
 def slurm_parameters(grid: Grid, opts: SlurmOptions) -> dict:
@@ -79,3 +82,38 @@ def make_submitit_executor(grid: Grid, cluster: str = "slurm"):
     else:
         raise PabError(f"unknown submitit cluster {cluster!r}: use slurm, local or debug")
     return ex
+
+
+class PreemptibleRun:
+    """A grid run as a submitit job that the cluster may pre-empt or stop at its time limit,
+    through submitit's checkpointing protocol.
+
+    SLURM warns a job with a signal: SIGUSR2 ahead of the time limit (submitit's sbatch asks for
+    `--signal=USR2@90`), SIGTERM on a pre-emption (submitit expects SIGUSR2 after it). In
+    training, pab takes either: it writes a checkpoint at the next step and the run stops (exit
+    code 3's Interrupted, which `run` records as `interrupted`). The job then hands SIGUSR2 on to
+    submitit, whose handler asks `checkpoint()` for the same run (a `DelayedSubmission`) and
+    requeues the job; the requeued job runs the grid run again, which resumes from pab's
+    checkpoint. SIGUSR2 outside training goes to submitit at once (a stage without checkpoints
+    starts again)."""
+
+    def __init__(self, run: Callable[[dict], dict]):
+        self.run = run  # (payload) -> the run's record
+
+    def __call__(self, payload: dict) -> dict:
+        rec = self.run(payload)
+        if rec.get("status") == "interrupted":
+            _hand_on_to_submitit()
+        return rec
+
+    def checkpoint(self, payload: dict) -> Any:
+        """submitit's hook: the same run, to be submitted again."""
+        return _submitit().helpers.DelayedSubmission(self, payload)
+
+
+def _hand_on_to_submitit() -> None:
+    """Send this process the signal submitit requeues a job on, when submitit's handler for it is
+    in place (in a submitit job; never in a plain process, which the signal would end)."""
+    sig = getattr(signal, "SIG" + _submitit().JobEnvironment.USR_SIG, None)
+    if sig is not None and callable(signal.getsignal(sig)):
+        os.kill(os.getpid(), sig)

@@ -9,12 +9,12 @@ line), `overrides` (`--set`), `resolve` (plugins looked up and their parameters 
 """
 from __future__ import annotations
 
-from .calls import DataCall, ModelCall, OptimizerCall, PluginCall, PluginSection, PrunerCall, QuantizerCall, TransformCall
+from .calls import DataCall, LoggerCall, ModelCall, OptimizerCall, PluginCall, PluginSection, PrunerCall, QuantizerCall, TransformCall
 from .load import load_spec, spec_from_dict
 from .models import NAME_PATTERN, ExperimentSpec, RuntimeSpec, Source, StageSpec, StrictModel
 from .overrides import apply_override, parse_override, set_path
 from .problems import locate, problems_from_validation
 
-__all__ = ["NAME_PATTERN", "DataCall", "ExperimentSpec", "ModelCall", "OptimizerCall", "PluginCall", "PluginSection", "PrunerCall",
+__all__ = ["NAME_PATTERN", "DataCall", "ExperimentSpec", "LoggerCall", "ModelCall", "OptimizerCall", "PluginCall", "PluginSection", "PrunerCall",
            "QuantizerCall", "RuntimeSpec", "Source", "StageSpec", "StrictModel", "TransformCall", "apply_override", "load_spec",
            "locate", "parse_override", "problems_from_validation", "set_path", "spec_from_dict"]

@@ -21,6 +21,7 @@ class PluginSection(BaseModel):
     group: ClassVar[str] = ""
     also_groups: ClassVar[tuple[str, ...]] = ()  # further entry-point groups searched for the name, in order
     omit_if_none: ClassVar[tuple[str, ...]] = ()  # framework keys left out of the resolved form while unset
+    bare_name: ClassVar[bool] = False  # whether the section may be written as its plugin's name alone
 
     _entry: Any = PrivateAttr(default=None)
     _params: Any = PrivateAttr(default=None)
@@ -28,6 +29,16 @@ class PluginSection(BaseModel):
     @classmethod
     def groups(cls) -> tuple[str, ...]:
         return (cls.group, *cls.also_groups)
+
+    @classmethod
+    def written(cls, raw: Any) -> Any:
+        """`raw` as a mapping when it is a name alone and the section takes that (`bare_name`)."""
+        return {cls.name_key: raw} if cls.bare_name and isinstance(raw, str) else raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, raw: Any) -> Any:
+        return cls.written(raw)
 
     @property
     def plugin_name(self) -> str:
@@ -169,3 +180,19 @@ class TransformCall(PluginCall):
 
     group: ClassVar[str] = "pab.transforms"
     also_groups: ClassVar[tuple[str, ...]] = ("pab.quantizers",)
+
+
+class LoggerCall(PluginCall):
+    """A tracker of `runtime.loggers`: a `pab.loggers` plugin, by its name alone or as
+    `{name: ..., <its parameters>}`."""
+
+    group: ClassVar[str] = "pab.loggers"
+    bare_name: ClassVar[bool] = True
+    every_s: float = Field(
+        10.0, ge=0, le=86_400,
+        description="Figures go to this tracker at most every this many seconds: the epochs that end meanwhile go together "
+        "(fewer, larger requests when epochs are short); 0: each epoch as it ends. A stage's last epochs go before it completes.")
+    wait_s: float = Field(
+        60.0, gt=0, le=86_400,
+        description="How long the run waits for this tracker where it must (to reach it before the first stage; its last figures, "
+        "files and status at a stage's end); past that, one warning and the run goes on without waiting for it.")

@@ -9,8 +9,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..errors import Problem
-from ..loggers import check_available
-from .calls import DataCall, ModelCall, PluginSection
+from .calls import DataCall, LoggerCall, ModelCall, PluginSection
 from .problems import locate
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -47,12 +46,15 @@ class RuntimeSpec(StrictModel):
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="Progress display: rich bars on a terminal, plain log lines otherwise."
     )
-    loggers: list[Literal["jsonl", "tensorboard", "csv"]] = Field(
+    loggers: list[Union[Literal["jsonl"], LoggerCall]] = Field(
         default_factory=lambda: ["jsonl"],
-        description="Where the train stage's per-epoch scalars go besides the stage directory's metrics.jsonl, which is "
-        "always written (reports and caching read it): `tensorboard` (event files under tb/; needs the tensorboard extra), "
-        "`csv` (metrics.csv).",
+        description="Trackers of every training stage besides its metrics.jsonl, which is always written (`jsonl` names it; reports "
+        "and caching read it): `pab.loggers` plugins by name or as {name: ..., <parameters>}: `csv` (metrics.csv), `tensorboard` "
+        "(event files under tb/), `mlflow`, `wandb` (their extras: pip install 'pab[mlflow]'), a package's own. Only rank 0 logs.",
     )
+    max_restarts: int = Field(
+        0, ge=0, le=1000, description="`pab run --nproc N`: times the elastic launcher restarts the processes when one dies; "
+        "each restart resumes from the stage's checkpoint (`pab run --max-restarts` overrides).")
 
     @field_validator("persistent_workers", "prefetch_factor")
     @classmethod
@@ -60,12 +62,6 @@ class RuntimeSpec(StrictModel):
         if v not in (None, False) and info.data.get("num_workers", 0) == 0:
             raise ValueError(f"{info.field_name} needs DataLoader workers (runtime.num_workers > 0)")
         return v
-
-    @field_validator("loggers")
-    @classmethod
-    def _loggers_available(cls, v: list) -> list:
-        check_available(v)
-        return list(dict.fromkeys(v))
 
 
 class Source(StrictModel):

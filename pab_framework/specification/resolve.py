@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import PluginError
 from ..registry import Entry, Registry
 from .calls import DataCall, ModelCall, PluginSection
-from .models import ExperimentSpec, StageSpec
+from .models import ExperimentSpec, RuntimeSpec, StageSpec
 from .problems import FieldSet, Found, model_in, problems_from_validation
 
 
@@ -37,6 +37,7 @@ class Resolver:
         self.section(spec.data, ("data",))
         for sid, st in spec.stages.items():
             self.section(st, ("stages", sid))
+        self.walk(spec.runtime, ("runtime",))  # its trackers (runtime.loggers)
 
     def section(self, section: PluginSection, loc: tuple) -> None:
         entry = self.lookup(type(section), section.plugin_name, loc)
@@ -88,8 +89,11 @@ class Resolver:
         stages = data.get("stages")
         for sid, st in (stages.items() if isinstance(stages, dict) else ()):
             self.raw_section(StageSpec, st, ("stages", sid))
+        if isinstance(data.get("runtime"), dict):
+            self.raw_fields(RuntimeSpec, data["runtime"], ("runtime",))
 
     def raw_section(self, cls: type[PluginSection], raw: Any, loc: tuple) -> None:
+        raw = cls.written(raw)
         if not isinstance(raw, dict) or not isinstance(raw.get(cls.name_key), str):
             return  # not a plugin section at all: the enclosing model's validation said so
         try:

@@ -19,7 +19,7 @@ class TrainStage:
 
     Checkpoints at every epoch's end but the last (model.pt follows it at once) and every
     `checkpoint_every_steps` steps; a re-run resumes exactly
-    where the last checkpoint left off. SIGTERM/SIGINT write a checkpoint at the next step boundary
+    where the last checkpoint left off. SIGTERM/SIGINT/SIGUSR2 write a checkpoint at the next step boundary
     and stop with exit code 3."""
 
     class Params(BaseModel):

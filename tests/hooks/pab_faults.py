@@ -14,11 +14,16 @@ In a subprocess, `sitecustomize.py` beside this file installs what the environme
 `PAB_TEST_PAUSE=point:N` prints `PAB_TEST_PAUSED point:N` on stderr there and waits to be killed
 (a pause in the training loop first lets the checkpoint write in flight finish);
 `PAB_TEST_FAIL=rank:step:N[:crash]` makes that rank fail there with a TrainingError (exit code 2),
-or with `:crash` a RuntimeError (a bug: exit code 1).
+or with `:crash` a RuntimeError (a bug: exit code 1);
+`PAB_TEST_SIGNAL=rank:point:N:SIGNAME` makes that rank send itself the signal there (SIGKILL: a
+worker that dies; SIGUSR2: a cluster's warning before pre-emption or the time limit). With
+`PAB_TEST_ONCE=FILE` a fault fires in the first process that reaches it only (it makes FILE), so
+that a run the launcher restarts, or a requeued job, goes through.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -131,11 +136,50 @@ def fail(rank: int, point: str, n: int, crash: bool) -> Callable[..., None]:
     return act
 
 
+def send(signame: str) -> Callable[..., None]:
+    """An action: the process sends itself the signal `signame`."""
+
+    def act(trainer) -> None:
+        os.kill(os.getpid(), getattr(signal, signame))
+
+    return act
+
+
+def once(action: Callable[..., None], marker: str | None) -> Callable[..., None]:
+    """`action`, done by the first process that gets there while `marker` does not exist (which it makes)."""
+    if not marker:
+        return action
+
+    def act(*args) -> None:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        action(*args)
+
+    return act
+
+
 def install_from_env(environ=os.environ) -> None:
-    """What PAB_TEST_PAUSE / PAB_TEST_FAIL ask for (module docstring)."""
+    """What PAB_TEST_PAUSE / PAB_TEST_FAIL / PAB_TEST_SIGNAL ask for (module docstring)."""
+    marker = environ.get("PAB_TEST_ONCE")
     if want := environ.get("PAB_TEST_PAUSE"):
         point, n = want.rsplit(":", 1)
-        at(point, int(n), pause(want))
+        at(point, int(n), once(pause(want), marker))
     if want := environ.get("PAB_TEST_FAIL"):
         rank, point, n, *rest = want.split(":")
-        at(point, int(n), fail(int(rank), point, int(n), rest == ["crash"]))
+        at(point, int(n), _on_rank(int(rank), once(fail(int(rank), point, int(n), rest == ["crash"]), marker)))
+    if want := environ.get("PAB_TEST_SIGNAL"):
+        rank, point, n, signame = want.split(":")
+        at(point, int(n), _on_rank(int(rank), once(send(signame), marker)))
+
+
+def _on_rank(rank: int, action: Callable[..., None]) -> Callable[..., None]:
+    """`action` on rank `rank` only (so that only that rank takes the `once` marker)."""
+
+    def act(trainer) -> None:
+        if trainer.dist.rank == rank:
+            action(trainer)
+
+    return act
