@@ -3,7 +3,7 @@
 In one process, on the same tensors and random gradients:
   (a) loop   - a straightforward per-tensor Python loop, the way the original PaB code steps:
                float64 flip masks and a `.item()` per tensor every step;
-  (b) ours   - plugins.optimizers.bop_optim.Bop with --implementation (auto: compiled for a model
+  (b) ours   - pab_plugins.optimizers.bop_optim.Bop with --implementation (auto: compiled for a model
                this size where Inductor works), gradients in its flat buffer as in training
                (`zero_grad(set_to_none=False)`, autograd accumulating into the views);
       ours, new gradient tensors every step (`set_to_none=True`): the step copies them in first;
@@ -34,7 +34,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plugins.optimizers.bop_optim import Bop  # noqa: E402
+from pab_plugins.optimizers.bop_optim import Bop  # noqa: E402
 
 
 def loop_step(ws, gs, ms, ar, tau, counts):

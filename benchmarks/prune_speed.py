@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pab_framework import masking  # noqa: E402
 from pab_framework.modelutil import classifier_name, initialise, prunable_parameters  # noqa: E402
-from plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
-from plugins.pruners.basic import SynFlow  # noqa: E402
-from plugins.pruners.saliency import GraSP  # noqa: E402
+from pab_plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
+from pab_plugins.pruners.basic import SynFlow  # noqa: E402
+from pab_plugins.pruners.saliency import GraSP  # noqa: E402
 
 
 # The convolutions the original's ImageNet ResNet-50 builds unmasked: its shortcut (downsample) convolutions.

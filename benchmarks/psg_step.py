@@ -19,10 +19,15 @@ of --reps steps after --warmup, each step timed between two device synchronisati
 peak memory of the step (torch.cuda.max_memory_allocated, reset for every case, each case on its
 own fresh model). `--tiny` shrinks the shapes to check the logic on a CPU.
 
+With --compile MODE (torch.compile's mode; default none) the plain and the PSG model are also
+compiled the same way: on the CPU figures both are timed compiled beside their eager runs (goals:
+compiled PSG <= 1.15 x compiled plain, compiled PSG <= eager PSG), with the first, compiling
+step's seconds; with --device every case runs compiled (compiled in the warm-up).
+
 The last line is one JSON object.
 
-    python benchmarks/psg_step.py [--reps 10] [--batch 32]
-    python benchmarks/psg_step.py --device cuda [--reps 20] [--warmup 5]
+    python benchmarks/psg_step.py [--reps 10] [--batch 32] [--compile default]
+    python benchmarks/psg_step.py --device cuda [--reps 20] [--warmup 5] [--compile reduce-overhead]
 """
 from __future__ import annotations
 
@@ -41,11 +46,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pab_framework.modelutil import apply_masks_, prunable_parameters  # noqa: E402
-from plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
-from plugins.optimizers.bop_optim import Bop  # noqa: E402
+from pab_plugins.models.resnet_cifar import cifar_resnet18  # noqa: E402
+from pab_plugins.optimizers.bop_optim import Bop  # noqa: E402
 from pab_framework.transforms import TransformContext  # noqa: E402
-from plugins.quantizers import psg_ops  # noqa: E402
-from plugins.quantizers.psg import PSG  # noqa: E402
+from pab_plugins.quantizers import psg_ops  # noqa: E402
+from pab_plugins.quantizers.psg import PSG  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the original code's way
@@ -152,7 +157,10 @@ def saved_bytes(model: nn.Module, x, y) -> tuple[int, int]:
     return layer_total[0], sum(storages.values())
 
 
-def time_steps(model, x, y, reps: int) -> float:
+def time_steps(model, x, y, reps: int, forward=None) -> tuple[float, float]:
+    """Median ms of `reps` steps after one untimed step, and that first step's seconds (with
+    --compile: the compilation). `forward`: what runs the model (a compiled `model`), default itself."""
+    forward = model if forward is None else forward
     masked = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
     bop = Bop(masked, ar=1e-3, tau=1e-6, implementation="eager")
@@ -161,17 +169,19 @@ def time_steps(model, x, y, reps: int) -> float:
     def step():
         bop.zero_grad(set_to_none=True)
         sgd.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(forward(x), y).backward()
         bop.step()
         sgd.step()
 
+    t = time.perf_counter()
     step()
+    first = time.perf_counter() - t
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         step()
         ts.append((time.perf_counter() - t) * 1000)
-    return statistics.median(ts)
+    return statistics.median(ts), first
 
 
 def cpu_figures(a) -> None:
@@ -189,27 +199,44 @@ def cpu_figures(a) -> None:
 
     layer_plain, step_plain = saved_bytes(plain, x, y)
     layer_psg, step_psg = saved_bytes(ours, x, y)
-    # interleave the three so that machine noise hits them alike
-    plain_ms, psg_ms, two_ms = [], [], []
+    compiled = {}
+    if a.compile != "none":  # the same modules, compiled the same way (they share their parameters)
+        compiled = {"plain": torch.compile(plain, mode=a.compile), "psg": torch.compile(ours, mode=a.compile)}
+    # interleave the variants so that machine noise hits them alike
+    ms = {k: [] for k in ("plain", "psg", "two_branch", *(f"compiled_{k}" for k in compiled))}
+    first_s = {}
     for _ in range(3):
-        plain_ms.append(time_steps(plain, x, y, a.reps))
-        psg_ms.append(time_steps(ours, x, y, a.reps))
-        two_ms.append(time_steps(branch, x, y, a.reps))
-    plain_ms, psg_ms, two_ms = (statistics.median(v) for v in (plain_ms, psg_ms, two_ms))
+        ms["plain"].append(time_steps(plain, x, y, a.reps)[0])
+        ms["psg"].append(time_steps(ours, x, y, a.reps)[0])
+        ms["two_branch"].append(time_steps(branch, x, y, a.reps)[0])
+        for k, fwd in compiled.items():
+            t, first = time_steps(plain if k == "plain" else ours, x, y, a.reps, forward=fwd)
+            ms[f"compiled_{k}"].append(t)
+            first_s.setdefault(k, first)  # the first call compiles
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    plain_ms, psg_ms, two_ms = med["plain"], med["psg"], med["two_branch"]
     overhead, speedup = psg_ms / plain_ms, two_ms / psg_ms
     print(f"cifar_resnet18, batch {a.batch}, density 0.3, CPU {torch.get_num_threads()} threads; ms per step (fwd+bwd+Bop), median")
     print(f"  (a) plain full precision   {plain_ms:8.1f} ms")
     print(f"  (b) PSG (ours)             {psg_ms:8.1f} ms   b/a = {overhead:.2f}  (goal <= 1.15)")
     print(f"  (c) two-branch PSG         {two_ms:8.1f} ms   c/b = {speedup:.2f}  (goal >= 1.5)")
+    out = {"plain_ms": round(plain_ms, 2), "psg_ms": round(psg_ms, 2), "two_branch_ms": round(two_ms, 2),
+           "overhead": round(overhead, 3), "speedup": round(speedup, 3)}
+    if compiled:
+        c_plain, c_psg = med["compiled_plain"], med["compiled_psg"]
+        print(f"  compiled (mode {a.compile}): plain {c_plain:.1f} ms, PSG {c_psg:.1f} ms   PSG/plain = {c_psg / c_plain:.2f} "
+              f"(goal <= 1.15); PSG compiled/eager = {c_psg / psg_ms:.2f} (goal <= 1); first step (compiling): "
+              f"plain {first_s['plain']:.1f} s, PSG {first_s['psg']:.1f} s")
+        out.update({"compile": a.compile, "compiled_plain_ms": round(c_plain, 2), "compiled_psg_ms": round(c_psg, 2),
+                    "compiled_overhead": round(c_psg / c_plain, 3), "psg_compiled_vs_eager": round(c_psg / psg_ms, 3),
+                    "compile_s_plain": round(first_s["plain"], 1), "compile_s_psg": round(first_s["psg"], 1)})
     print(f"  kept for backward by the whole step: plain {step_plain / 2**20:.1f} MiB, PSG {step_psg / 2**20:.1f} MiB "
           f"({step_psg / step_plain:.2f} of plain; goal <= 1)")
     print(f"  of which saved inside the conv/linear layers: plain {layer_plain / 2**20:.1f} MiB, PSG {layer_psg / 2**20:.1f} MiB "
           f"({layer_psg / layer_plain:.2f}: the same tensors, most of them kept by the ReLUs anyway)")
-    print(json.dumps({"plain_ms": round(plain_ms, 2), "psg_ms": round(psg_ms, 2), "two_branch_ms": round(two_ms, 2),
-                      "overhead": round(overhead, 3), "speedup": round(speedup, 3),
-                      "saved_bytes_plain": layer_plain, "saved_bytes_psg": layer_psg,
-                      "step_saved_bytes_plain": step_plain, "step_saved_bytes_psg": step_psg,
-                      "step_saved_ratio": round(step_psg / step_plain, 4)}))
+    out.update({"saved_bytes_plain": layer_plain, "saved_bytes_psg": layer_psg, "step_saved_bytes_plain": step_plain,
+                "step_saved_bytes_psg": step_psg, "step_saved_ratio": round(step_psg / step_plain, 4)})
+    print(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------- device figures
@@ -221,7 +248,8 @@ def _models(tiny: bool):
         from torchvision.models.resnet import Bottleneck, ResNet
 
         # the same code paths (torchvision's bottleneck ResNet, in-place ReLUs, max-pool) with one block a stage
-        return [("cifar_resnet18", lambda: cifar_resnet18(width=4), 2, 32, 10),
+        # (width 8: torch 2.14.1 Inductor on the CPU corrupts the heap in the backward of a width-4 cifar_resnet18)
+        return [("cifar_resnet18", lambda: cifar_resnet18(width=8), 2, 32, 10),
                 ("resnet50", lambda: ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10), 2, 32, 10)]
     return [("cifar_resnet18", lambda: cifar_resnet18(), 128, 32, 10),
             ("resnet50", lambda: torchvision.models.resnet50(), 64, 224, 1000)]
@@ -241,7 +269,8 @@ def _case(*args):
     return out
 
 
-def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, dev: torch.device, warmup: int, reps: int):
+def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, dev: torch.device, warmup: int, reps: int,
+             compile_mode: str):
     torch.manual_seed(0)
     model = build().to(dev)
     prunable = prunable_parameters(model)
@@ -249,6 +278,7 @@ def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, 
     apply_masks_(prunable, masks)
     if psg:
         PSG().apply(model, PSG.Params(), TransformContext.of(model, set(masks)))
+    forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)  # (compiled in the warm-up)
     masked = [p for n, p in model.named_parameters() if n in masks]
     rest = [p for n, p in model.named_parameters() if n not in masks]
     bop = Bop(masked, ar=1e-3, tau=1e-6, implementation="eager")
@@ -260,7 +290,7 @@ def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, 
         bop.zero_grad(set_to_none=True)
         sgd.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         bop.step()
         sgd.step()
@@ -278,7 +308,7 @@ def _measure(build, psg: bool, batch: int, size: int, classes: int, bf16: bool, 
         _sync(dev)
         ts.append((time.perf_counter() - t) * 1000)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    path = psg_ops._path(x, torch.float32).name if psg else None
+    path = psg_ops.path_for(x, torch.float32).name if psg else None
     return statistics.median(ts), peak, path
 
 
@@ -286,15 +316,16 @@ def device_figures(a) -> None:
     dev = torch.device(a.device)
     rows, paths = [], set()
     name_of = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    compiled = "" if a.compile == "none" else f", models compiled (mode {a.compile})"
     print(f"one step (forward, backward, Bop on 50%-masked weights, SGD on the rest), median of {a.reps} after {a.warmup}; "
-          f"{name_of}, torch {torch.__version__}")
+          f"{name_of}, torch {torch.__version__}{compiled}")
     print(f"{'model':<16}{'batch':>6}{'image':>7}  {'precision':<9}{'plain ms':>10}{'PSG ms':>10}{'PSG/plain':>11}"
           f"{'plain MiB':>11}{'PSG MiB':>10}{'ratio':>7}")
     for name, build, batch, size, classes in _models(a.tiny):
         for prec in ("fp32", "bf16"):
             bf16 = prec == "bf16"
-            p_ms, p_peak, _ = _case(build, False, batch, size, classes, bf16, dev, a.warmup, a.reps)
-            q_ms, q_peak, path = _case(build, True, batch, size, classes, bf16, dev, a.warmup, a.reps)
+            p_ms, p_peak, _ = _case(build, False, batch, size, classes, bf16, dev, a.warmup, a.reps, a.compile)
+            q_ms, q_peak, path = _case(build, True, batch, size, classes, bf16, dev, a.warmup, a.reps, a.compile)
             paths.add(path)
             row = {"model": name, "batch": batch, "image": size, "precision": prec, "plain_ms": round(p_ms, 3),
                    "psg_ms": round(q_ms, 3), "ratio": round(q_ms / p_ms, 3),
@@ -307,7 +338,8 @@ def device_figures(a) -> None:
     worst = max(r["ratio"] for r in rows)
     peaks = [r["peak_ratio"] for r in rows if r["peak_ratio"] is not None]
     print(f"worst PSG/plain time {worst:.3f} (goal <= 1.15)" + (f"; worst peak memory ratio {max(peaks):.3f} (goal <= 1)" if peaks else ""))
-    print(json.dumps({"device": name_of, "torch": torch.__version__, "psg_path": sorted(paths), "reps": a.reps, "warmup": a.warmup,
+    print(json.dumps({"device": name_of, "torch": torch.__version__, "compile": a.compile, "psg_path": sorted(paths), "reps": a.reps,
+                      "warmup": a.warmup,
                       "rows": rows, "max_ratio": worst, "max_peak_ratio": max(peaks) if peaks else None}))
 
 
@@ -318,6 +350,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (--device)")
     ap.add_argument("--batch", type=int, default=32, help="batch of the CPU figures")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (--device): checks the logic, measures nothing useful")
+    ap.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="also compile the plain and the PSG model this way (torch.compile's mode) and give their ratio")
     a = ap.parse_args()
     if a.device is None:
         a.reps = a.reps or 10

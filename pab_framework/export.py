@@ -11,7 +11,7 @@ format plugin (`export_stage`) and loading (`load`).
 """
 from __future__ import annotations
 
-import io
+import importlib
 import platform
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -261,17 +261,8 @@ def _source_for(path: Path, beside: ExportSource) -> ExportSource:
     return ExportSource(beside.dir, beside.stage_id, beside.kind, beside.experiment, beside.result, path, state, masks, beside.recipe)
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's bytes as stored (CPU, contiguous), for hashes."""
-    buf = io.BytesIO()
-    buf.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return buf.getvalue()
-
-
 def require(module: str, extra: str, what: str):
     """Import an optional dependency, or say which extra installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -273,6 +273,20 @@ def _select(lay: _Layout, scores: torch.Tensor, keep: torch.Tensor, chosen: list
     return new
 
 
+def _flatten(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None, device) -> tuple[_Layout, torch.Tensor, torch.Tensor]:
+    """The pool's weights end to end in one vector (the parameters become views of it), and its
+    keep mask likewise, from the masks the model came with (all kept where it has none)."""
+    lay = _Layout(params)
+    weights = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    for n, v in lay.views(weights).items():
+        params[n].data = v
+    keep = torch.ones(lay.numel, dtype=torch.bool, device=device)
+    for n, v in lay.views(keep).items():
+        if masks and n in masks:
+            v.copy_(masks[n])
+    return lay, weights, keep
+
+
 def prune(
     model: nn.Module,
     pruner: Any,
@@ -309,14 +323,7 @@ def prune(
         return pool.whole
     if bind("pab.pruners", pruner).linearized:  # a plugin object as a direct caller passes it, or one bound already
         _linearize_(work)
-    lay = _Layout(params)
-    weights = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    for n, v in lay.views(weights).items():
-        params[n].data = v
-    keep = torch.ones(lay.numel, dtype=torch.bool, device=inputs.device)
-    for n, v in lay.views(keep).items():
-        if masks and n in masks:
-            v.copy_(masks[n])
+    lay, weights, keep = _flatten(params, masks, inputs.device)
     keep_f = torch.empty_like(weights)  # keep as 0/1 in the weights' dtype: masking is one multiply
     scores = torch.empty(lay.numel, dtype=torch.float64, device=inputs.device)
     inputs = dataclasses.replace(inputs, scores_out=lay.views(scores))

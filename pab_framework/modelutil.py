@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .errors import PabError
+
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
@@ -81,8 +83,6 @@ def drop_batchnorm_affine_(model: nn.Module, name: str = "model") -> None:
             m.register_parameter("bias", None)
             found += 1
     if not found:
-        from .errors import PabError
-
         raise PabError(f"model.batchnorm_affine: false, but the model {name!r} has no BatchNorm layer")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plugins.optimizers.bop_optim import Bop
+from pab_plugins.optimizers.bop_optim import Bop
 from tests.conftest import TINY_SPEC
 
 

@@ -4,7 +4,7 @@ Their bodies were run on the CPU (device names swapped) while writing them; on a
 unmeasured until someone lent one runs the suite.
 
 Bop's default implementation against the eager reference, bitwise; PSG's weight gradients on CUDA
-against the CPU's; the quickstart on `runtime.device: cuda`; AMP (bf16 and fp16 with its gradient
+against the CPU's, and a PSG model compiled (default and reduce-overhead) against eager; the quickstart on `runtime.device: cuda`; AMP (bf16 and fp16 with its gradient
 scaler) train stages with Bop, with and without PSG; `runtime.channels_last`; two DDP processes on
 one GPU over gloo, and over NCCL where two GPUs exist.
 """
@@ -68,7 +68,7 @@ def _resnet50_shapes() -> list[tuple[int, ...]]:
 def _bop_run(shapes, implementation: str, steps: int, init_average: str, seed: int = 0):
     """`steps` Bop steps on CUDA from seeded weights (a third pruned to zero) and gradients; the
     weights, flip counts and state after every step, on the host."""
-    from plugins.optimizers.bop_optim import Bop
+    from pab_plugins.optimizers.bop_optim import Bop
 
     g = torch.Generator().manual_seed(seed)
     ws = []
@@ -130,9 +130,9 @@ def test_psg_gradients_on_cuda_equal_the_cpus():
     that lands on the other side of a rounding boundary moves a code by one step; on the CPU alone,
     scaling the input by 1 + 1e-6 moves layer4.1.conv2's gradient by 2.3e-3 of its norm.)"""
     from pab_framework.modelutil import prunable_parameters
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
     from pab_framework.transforms import TransformContext
-    from plugins.quantizers.psg import PSG
+    from pab_plugins.quantizers.psg import PSG
 
     torch.manual_seed(0)
     dense = cifar_resnet18(width=16)
@@ -148,6 +148,39 @@ def test_psg_gradients_on_cuda_equal_the_cpus():
         psg_effect = float((full[n] - cpu[n]).norm())
         assert psg_effect > 1e-2 * float(full[n].norm()), n  # PSG changes every layer's gradient...
         assert float((cuda[n] - cpu[n]).norm()) <= 0.1 * psg_effect, n  # ...and CUDA computes the same change
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_psg_compiled_on_cuda_trains_as_eager(mode):
+    """A cifar_resnet18 with PSG compiled (Inductor; CUDA graphs with reduce-overhead), the Triton
+    kernels inside PSG's registered operator: three steps' gradients and the kept counts as eager
+    (up to Inductor's reordered sums, which move a few quantisation codes)."""
+    from pab_framework.modelutil import prunable_parameters
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
+    from pab_framework.transforms import TransformContext
+    from pab_plugins.quantizers.psg import PSG
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = cifar_resnet18(width=16).cuda()
+    PSG().apply(eager, PSG.Params(), TransformContext.of(eager, set(prunable_parameters(eager))))
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, mode=mode)
+    g = torch.Generator().manual_seed(1)
+    with no_tf32():
+        for step in range(3):
+            x, y = torch.randn(8, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
+            for net, forward in ((eager, eager), (model, compiled)):
+                net.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(forward(x), y).backward()
+            for (n, a), b in zip(eager.named_parameters(), model.parameters()):
+                assert float((a.grad - b.grad).norm()) <= 1e-3 * float(a.grad.norm()) + 1e-6, (step, n)
+    want, got = PSG().stats(eager), PSG().stats(model)
+    assert want.keys() == got.keys() and len(want) == 21
+    for k in want:
+        assert got[k]["total"] == want[k]["total"] == 3 * eager.get_parameter(k).numel(), k
+        assert abs(got[k]["kept"] - want[k]["kept"]) <= 1e-3 * want[k]["total"], k
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------ whole runs

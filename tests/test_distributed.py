@@ -197,7 +197,7 @@ def test_imagenet_recipe_end_to_end_tiny(tmp_path):
     root = _image_folder(tmp_path / "imagenet")
     sets = ["data.root=" + str(root), "data.image_size=32", "data.batch_size=4", "stages.prune.pruner.iterations=2",
             "stages.train.epochs=1", "runtime.output_dir=" + str(tmp_path / "runs"), "runtime.device=cpu", "runtime.num_workers=0"]
-    if importlib.util.find_spec("plugins.quantizers.psg") is None:
+    if importlib.util.find_spec("pab_plugins.quantizers.psg") is None:
         sets.append("stages.train.quantizer=null")
     p, wall = pab("run", CONFIGS / "imagenet_r50.yaml", "--nproc", 2, *[a for s in sets for a in ("--set", s)], timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -209,7 +209,7 @@ def test_imagenet_recipe_end_to_end_tiny(tmp_path):
     assert (train / "model.pt").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("plugins.quantizers.psg") is None, reason="the psg quantizer plugin is not merged yet")
+@pytest.mark.skipif(importlib.util.find_spec("pab_plugins.quantizers.psg") is None, reason="the psg quantizer plugin is not merged yet")
 def test_imagenet_config_validates():
     s = load_spec(CONFIGS / "imagenet_r50.yaml")
     assert s.model.name == "resnet50" and s.runtime.nproc_per_node == 8 and s.runtime.batch_size_is == "global"

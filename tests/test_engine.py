@@ -185,7 +185,7 @@ class FineTune:
     def run(self, ctx) -> dict:
         from pab_framework.callbacks import Callback
         from pab_framework.trainer import Trainer
-        from plugins.optimizers.sgd import SGD
+        from pab_plugins.optimizers.sgd import SGD
 
         model, masks = ctx.load_model()
         state = MaskState(masks, dict(model.named_parameters()))

@@ -16,7 +16,7 @@ from pab_framework.errors import ArtifactError, PabError
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
 from pab_framework.specification import load_spec
-from plugins.exporters import container
+from pab_plugins.exporters import container
 
 # Every kind of stage a study leaves: PaB (prune + Bop), edge-popup (frozen init, found masks),
 # lottery-ticket IMP (SGD-trained weights rewound to a dense run's), dense SGD, and an evaluation.

@@ -19,7 +19,7 @@ from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
 from pab_framework.specification import load_spec
 from pab_framework.transforms import TransformContext
-from plugins.transforms.edge_popup import EdgePopup
+from pab_plugins.transforms.edge_popup import EdgePopup
 
 EDGE = """\
 name: ep

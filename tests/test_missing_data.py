@@ -116,7 +116,7 @@ def test_incomplete_cifar_lists_the_missing_files_and_download_skips_the_check(t
 
 
 def test_image_folder_check(tmp_path):
-    from plugins.datasets.vision import ImageFolder
+    from pab_plugins.datasets.vision import ImageFolder
 
     plugin = ImageFolder()
     params = ImageFolder.Params(root="imgs", num_classes=2)

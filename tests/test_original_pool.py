@@ -24,8 +24,8 @@ from pab_framework.modelutil import prunable_parameters
 from pab_framework.progress import Reporter
 from pab_framework.specification import load_spec
 from pab_framework.yamlio import load_yaml_file
-from plugins.pruners.saliency import SNIP, GraSP
-from plugins.stages.prune import pruning_batches
+from pab_plugins.pruners.saliency import SNIP, GraSP
+from pab_plugins.stages.prune import pruning_batches
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from prune_speed import baseline_synflow, original_pool  # noqa: E402  the original's loop, written out
@@ -138,7 +138,7 @@ def test_data_pruners_score_the_original_pool(tmp_path, pruner):
 
 
 def test_a_whole_classifier_keeps_the_mask_it_came_with():
-    from plugins.pruners.basic import Magnitude
+    from pab_plugins.pruners.basic import Magnitude
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     call = masking.MaskPolicy(density=0.5, iterations=2, classifier_density=1.0)
@@ -215,7 +215,7 @@ def test_excluded_layers_leave_the_pool_as_the_original_loop_does():
     the pool without them, the shortcuts stay dense, and the other layers' masks differ from a
     pool that holds the shortcuts (they moved the global threshold)."""
     from pab_framework.modelutil import initialise
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
     from prune_speed import ours
 
     torch.manual_seed(0)

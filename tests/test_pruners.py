@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from pab_framework import masking
 from pab_framework.modelutil import prunable_parameters
-from plugins.pruners.basic import Magnitude, SynFlow
-from plugins.pruners.saliency import GraSP, SNIP
+from pab_plugins.pruners.basic import Magnitude, SynFlow
+from pab_plugins.pruners.saliency import GraSP, SNIP
 
 
 def tiny_net(seed=0):

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pab_framework import artifacts
 from pab_framework.transforms import TransformContext
-from plugins.quantizers import psg_ops
-from plugins.quantizers.psg import PSG, PsgConv2d, PsgLinear
+from pab_plugins.quantizers import psg_ops, psg_quant
+from pab_plugins.quantizers.psg import PSG, PsgConv2d, PsgLinear
 from tests.conftest import ROOT, TINY_SPEC
 
 
@@ -124,26 +124,26 @@ def test_linear_gradients_follow_the_formulas(case):
 @pytest.mark.parametrize("path,dtype", [("host", torch.float32), ("host", torch.float64), ("device", torch.float32)])
 def test_the_quantiser_rounds_ties_to_even_and_keeps_zeros(path, dtype):
     """The vectorised CPU passes (float32), the fused fake-quantise ops (other dtypes) and the device path."""
-    quantize = (psg_ops._HostPath if path == "host" else psg_ops._DevicePath).quantize
+    quantize = (psg_quant.HostPath if path == "host" else psg_quant.DevicePath).quantize
     t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
     # one sample, x >= 0, max 256: D = 1, so x * (1/D) is x itself and .5 is a tie
-    xq, _ = quantize(t([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]]), t([1.0, 1.0]), psg_ops.PsgConfig())
+    xq, _ = quantize(t([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]]), t([1.0, 1.0]), psg_quant.PsgConfig())
     assert xq.tolist() == [[0.0, 0.0, 2.0, 2.0, 4.0, 254.0, 255.0]]  # the top value is clamped to 2^8 - 1 codes
     # signed: [-m, m] with 2^bits levels; zero maps back to exactly 0
     g = t([-4.0, -1.0, 0.0, 0.03125, 0.09375, 4.0])  # D = 8 / 2^8 = 1/32: the last two are 1 and 3 codes
-    _, gq = quantize(t([[1.0, 1.0]]), g, psg_ops.PsgConfig(msb_bits_grad=8))
+    _, gq = quantize(t([[1.0, 1.0]]), g, psg_quant.PsgConfig(msb_bits_grad=8))
     assert gq.tolist() == [-4.0, -1.0, 0.0, 0.03125, 0.09375, 4.0 - 0.03125]
     g = t([-4.0, 0.015625, 0.046875])  # 0.5 and 1.5 codes: ties to 0 and 2
-    _, gq = quantize(t([[1.0, 1.0]]), g, psg_ops.PsgConfig(msb_bits_grad=8))
+    _, gq = quantize(t([[1.0, 1.0]]), g, psg_quant.PsgConfig(msb_bits_grad=8))
     assert gq.tolist() == [-4.0, 0.0, 0.0625]
     # a sample with negatives: [-m, m], m the batch mean of the samples' max|x| = (2 + 6) / 2 = 4, D = 8 / 2^8
-    xq, _ = quantize(t([[-2.0, 0.0, 1.0], [6.0, -0.046875, 0.015625]]), t([1.0]), psg_ops.PsgConfig())
+    xq, _ = quantize(t([[-2.0, 0.0, 1.0], [6.0, -0.046875, 0.015625]]), t([1.0]), psg_quant.PsgConfig())
     assert xq.tolist() == [[-2.0, 0.0, 1.0], [4.0 - 0.03125, -0.0625, 0.0]]
 
 
 def test_a_model_keeps_its_keys_outputs_and_masks():
     from pab_framework.modelutil import apply_masks_, prunable_parameters
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
 
     torch.manual_seed(0)
     net = cifar_resnet18(width=16)
@@ -159,7 +159,7 @@ def test_a_model_keeps_its_keys_outputs_and_masks():
     assert len(psg.layers(net)) == len(masks)
     torch.testing.assert_close(net(x), before)
     # a few Bop steps: pruned weights stay zero, magnitudes stay
-    from plugins.optimizers.bop_optim import Bop
+    from pab_plugins.optimizers.bop_optim import Bop
 
     net.train()
     w0 = {n: p.detach().clone() for n, p in net.named_parameters() if n in masks}
@@ -225,7 +225,7 @@ def test_cpu_bf16_autocast_follows_the_formulas(layer, case):
 
 
 def test_a_model_trains_under_cpu_bf16_autocast():
-    from plugins.models.resnet_cifar import cifar_resnet18
+    from pab_plugins.models.resnet_cifar import cifar_resnet18
 
     torch.manual_seed(0)
     net = cifar_resnet18(width=8)
@@ -262,15 +262,44 @@ def test_fp16_with_an_absolute_threshold_or_signs_is_refused(tmp_path, write_spe
 
 # ----------------------------------------------------------------------------- op counts
 class _Ops(TorchDispatchMode):
-    """The aten ops dispatched, views (and detach) not counted: each is a kernel launch on a GPU."""
+    """The aten ops dispatched, views (and detach) not counted: each is a kernel launch on a GPU.
+    PSG's registered weight-gradient ops are counted by the aten ops they run (while the mode is
+    open they are swapped for their implementations, which launch the same kernels). Reads of
+    tensor values to Python are counted apart, in `reads`: the scalar reads (`.item()`, `float()`,
+    `bool()`: `_local_scalar_dense`) and every `Tensor.tolist()` (through a wrapper)."""
+
+    OPS = {"conv2d_weight_grad_op": psg_ops.conv2d_weight_grad, "linear_weight_grad_op": psg_ops.linear_weight_grad}
 
     def __init__(self):
         super().__init__()
         self.ops = []
+        self.reads = 0
+
+    def __enter__(self):
+        self._saved = torch.Tensor.tolist, {name: getattr(psg_ops, name) for name in self.OPS}
+        tolist = self._saved[0]
+
+        def counted(t):
+            self.reads += 1
+            return tolist(t)
+
+        torch.Tensor.tolist = counted
+        for name, impl in self.OPS.items():
+            setattr(psg_ops, name, impl)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist, ops = self._saved
+        for name, op in ops.items():
+            setattr(psg_ops, name, op)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.reads += 1
+        elif not func.is_view:
+            self.ops.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -280,8 +309,7 @@ def _layer(kind):
 
 
 def _count(layer, x, grad=True, amp=False):
-    """The ops of one steady-state step (after one untimed step: a layer's first step allocates its
-    count buffer; every 64th folds it, 2 ops)."""
+    """The ops of one steady-state step (after one untimed step); `_count.reads`: its host reads."""
     x = x.clone().requires_grad_(grad)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
     g = None
@@ -292,7 +320,6 @@ def _count(layer, x, grad=True, amp=False):
         out.backward(g)
         layer.zero_grad(set_to_none=True)
         x.grad = None
-    reads = psg_ops.HOST_READS
     with _Ops() as c:
         if grad:
             with ctx:
@@ -301,7 +328,7 @@ def _count(layer, x, grad=True, amp=False):
         else:
             with torch.no_grad(), ctx:
                 layer(x)
-    _count.reads = psg_ops.HOST_READS - reads
+    _count.reads = c.reads
     return c.ops
 
 
@@ -318,8 +345,9 @@ def test_few_more_ops_than_the_plain_layer(kind, amp):
     a = _count(plain, x, amp=amp)
     b = _count(psg, x, amp=amp)
     assert len(b) - len(a) <= 12, (a, b)
-    # CPU only: x's per-sample minima and maxima, min and max of g and of g_msb, read to Python (no device to wait for)
-    assert _count.reads == 6
+    # CPU only: x's per-sample minima and maxima, min and max of g and of g_msb, and the kept count,
+    # read to Python (no device to wait for)
+    assert _count.reads == 7
     for case in CASES + [dict(threshold=1e-2, sparsify=False, take_sign=True)]:
         b = _count(wrapped(copy.deepcopy(plain), **case), x, amp=amp)
         assert len(b) - len(a) <= 12, (case, b)
@@ -345,18 +373,19 @@ def _grads(path, case, amp, channels_last=False, monkeypatch=None):
     if channels_last:
         m, x = m.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        out = m(x)
-    out.backward(g.to(out.dtype))
+    with _Ops() as seen:  # the step's reads of tensor values to Python
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        out.backward(g.to(out.dtype))
+    _grads.reads = seen.reads
     return m[0].weight.grad, x.grad, PSG().stats(m)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_device_path_equals_the_cpu_path(case, monkeypatch):
     for amp in (False, True):
-        reads = psg_ops.HOST_READS
         a = _grads("device", case, amp, monkeypatch=monkeypatch)
-        assert psg_ops.HOST_READS == reads  # nothing read to the host: no sync on an accelerator
+        assert _grads.reads == 0  # nothing read to the host: no sync on an accelerator
         b = _grads("host", case, amp, monkeypatch=monkeypatch)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
 
@@ -384,8 +413,8 @@ _TRITON_CHECK = r"""
 import copy, os, sys, torch, torch.nn as nn
 sys.path.insert(0, sys.argv[1])
 from tests.test_psg import CASES, wrapped
-from plugins.quantizers.psg import PSG
-from plugins.quantizers import psg_triton
+from pab_plugins.quantizers.psg import PSG
+from pab_plugins.quantizers import psg_triton
 results = {}
 for path in ("host", "triton"):
     os.environ["PAB_PSG_BACKEND"] = path
@@ -402,27 +431,28 @@ for path in ("host", "triton"):
                 out.backward(torch.randn(out.shape).to(out.dtype))
                 results.setdefault((i, amp, kind), []).append((m[0].weight.grad, x.grad, PSG().stats(m)))
 bad = [k for k, ((a, ax, sa), (b, bx, sb)) in results.items() if not (torch.equal(a, b) and torch.equal(ax, bx) and sa == sb)]
-assert psg_triton._GOOD == {"quantize_pair", "combine"}, psg_triton._GOOD
+assert psg_triton.kernels_run() == {"quantize_pair", "combine"}, psg_triton.kernels_run()
 # ties to even, the top code clamped, zeros kept (as test_the_quantiser_rounds_ties_to_even_and_keeps_zeros)
-from plugins.quantizers.psg_ops import PsgConfig
+from pab_plugins.quantizers.psg_ops import PsgConfig
 xq, gq = psg_triton.TritonPath.quantize(torch.tensor([[0.0, 0.5, 1.5, 2.5, 3.5, 254.5, 256.0]]),
                                         torch.tensor([-4.0, 0.015625, 0.046875, 0.0]), PsgConfig(msb_bits_grad=8))
 assert xq.tolist() == [[0.0, 0.0, 2.0, 2.0, 4.0, 254.0, 255.0]] and gq.tolist() == [-4.0, 0.0, 0.0625, 0.0], (xq, gq)
 # launches of the CUDA path: aten ops (allocations launch nothing) and Triton kernels, the interpreter's own traffic not seen
 from torch.utils._python_dispatch import _disable_current_modes
 from tests.test_psg import _count, _layer
-launch = psg_triton._launch
-def quiet(*a, **k):
+launch, launches = psg_triton.launch, [0]
+def counted(*a, **k):
+    launches[0] += 1
     with _disable_current_modes():
         launch(*a, **k)
-psg_triton._launch = quiet
+psg_triton.launch = counted
 for kind in ("conv", "linear"):
     plain, x = _layer(kind)
     for amp in (False, True):
         a = _count(plain, x, amp=amp)
-        n = psg_triton.LAUNCHES
+        n = launches[0]
         b = [op for op in _count(wrapped(copy.deepcopy(plain)), x, amp=amp) if not op.startswith("empty")]
-        extra = len(b) + (psg_triton.LAUNCHES - n) // 2 - len(a)  # (_count runs two steps: one untimed)
+        extra = len(b) + (launches[0] - n) // 2 - len(a)  # (_count runs two steps: one untimed)
         assert extra <= 12 and _count.reads == 0, (kind, amp, extra, a, b)
         print(kind, amp, "extra launches", extra)
 print("OK" if not bad else f"differ: {bad}")
@@ -449,9 +479,9 @@ def test_cuda_follows_the_formulas_without_host_reads():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 out = m(x)
             g = torch.randn(out.shape, device="cuda").to(out.dtype)
-            reads = psg_ops.HOST_READS
-            out.backward(g)
-            assert psg_ops.HOST_READS == reads
+            with _Ops() as seen:
+                out.backward(g)
+            assert seen.reads == 0
             xd = x.detach().to(out.dtype)
             want, keep = expected_weight_grad(lambda x_, w_: F.conv2d(x_, w_, None, 2, 1), xd, conv.weight, g, PSG.Params(**case))
             tol = dict(rtol=1.6e-2, atol=1e-3) if amp else dict(rtol=2e-3, atol=1e-4)  # (TF32 convolutions)
@@ -533,3 +563,14 @@ def test_the_cuda_benchmark_runs_its_logic_on_the_cpu():
     assert {r["precision"] for r in fig["rows"]} == {"fp32", "bf16"}
     for r in fig["rows"]:
         assert r["plain_ms"] > 0 and r["psg_ms"] > 0 and r["ratio"] == pytest.approx(r["psg_ms"] / r["plain_ms"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_the_benchmark_compiles_both_models():
+    """benchmarks/psg_step.py --compile default: every case compiled (tiny shapes, CPU)."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "psg_step.py"), "--device", "cpu", "--tiny", "--reps", "1", "--warmup", "1",
+                        "--compile", "default"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fig = json.loads(p.stdout.strip().splitlines()[-1])
+    assert fig["compile"] == "default" and len(fig["rows"]) == 4
+    assert all(r["plain_ms"] > 0 and r["psg_ms"] > 0 for r in fig["rows"])

@@ -15,7 +15,7 @@ from pab_framework.graph import stage_keys
 from pab_framework.pipeline import run_spec
 from pab_framework.progress import Reporter
 from pab_framework.specification import load_spec
-from plugins.datasets.synthetic import Synthetic
+from pab_plugins.datasets.synthetic import Synthetic
 
 SPEC = """\
 name: syn
@@ -55,7 +55,7 @@ def test_seeded_balanced_and_shaped():
 
 def test_class_patterns_carry_the_label_and_signal_0_removes_it():
     """The class means of the inputs are `signal` x the class patterns (up to the noise)."""
-    from plugins.datasets.synthetic import patterns
+    from pab_plugins.datasets.synthetic import patterns
 
     x, y = build(input_shape=[2, 8, 8], train_size=4000, num_classes=4, signal=2.0).tensors
     pats = patterns((2, 8, 8), 4, 0)

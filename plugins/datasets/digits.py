@@ -17,7 +17,7 @@ from pab_framework.data import DataInfo
 
 @lru_cache(maxsize=8)
 def _split(val_fraction: float, split_seed: int):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: scikit-learn, only when the digits are loaded
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32)  # (n, 8, 8), values 0..16

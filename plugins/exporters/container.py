@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save
 
 from pab_framework.errors import ArtifactError
 
@@ -17,8 +19,6 @@ HEADER_LIMIT = 100 << 20  # a header larger than this is not one pab wrote
 
 def encode(tensors: dict[str, torch.Tensor], doc: dict) -> bytes:
     """The file's bytes: `tensors` (contiguous, unshared) and `doc` under the metadata key `pab`."""
-    from safetensors.torch import save
-
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"pab": json.dumps(doc, sort_keys=True)})
 
 
@@ -45,8 +45,6 @@ def read_doc(path: str | Path, data: bytes | None = None) -> dict | None:
 def load(path: str | Path, fmt: str, versions: tuple[int, ...]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(document, tensors) of a pab file of format `fmt`, checked: the format and its version
     known, every byte there (a truncated file is refused) and the content hash matching."""
-    from safetensors.torch import load as st_load
-
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -3,7 +3,8 @@
 `apply` turns every prunable `nn.Conv2d` and `nn.Linear` (the layers whose weights carry masks)
 into its PSG form in place: the module keeps its parameters, buffers and state_dict keys (so the
 masks, checkpoints and the saved model.pt load into the plain architecture), and only its
-forward changes, to the custom autograd functions of `psg_ops`. Everything else is left alone.
+forward changes, to `psg_ops`' functions (whose weight gradient is a registered operator, so a
+compiled model stays one graph). Everything else is left alone.
 
 Mixed precision: under `runtime.amp` the layers compute their forward in the autocast dtype as
 the plain layers would, and the weight gradients come back in the parameters' dtype. With
@@ -40,7 +41,8 @@ class PsgConv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        return psg_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups, self.psg, self.psg_stats)
+        return psg_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups, self.psg,
+                          self.psg_stats.counts_on(x.device))
 
 
 class PsgLinear(nn.Linear):
@@ -50,7 +52,7 @@ class PsgLinear(nn.Linear):
     psg_stats: PsgStats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return psg_linear(x, self.weight, self.bias, self.psg, self.psg_stats)
+        return psg_linear(x, self.weight, self.bias, self.psg, self.psg_stats.counts_on(x.device))
 
 
 class PSG:
@@ -125,10 +127,9 @@ class PSG:
         layers = self.layers(model)
         if not layers:
             return {}
-        counts = [m.psg_stats.kept_on_device() for m in layers.values()]
-        kept = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
-        return {f"{n}.weight": {"kept": k + m.psg_stats.kept_host, "total": m.psg_stats.total}
-                for (n, m), k in zip(layers.items(), kept)}
+        counts = [m.psg_stats.counts for m in layers.values()]
+        pairs = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
+        return {f"{n}.weight": {"kept": kept, "total": total} for n, (kept, total) in zip(layers, pairs)}
 
     def reset_stats(self, model: nn.Module) -> None:
         for m in self.layers(model).values():

@@ -1,14 +1,16 @@
 """PSG's fused steps as two Triton kernels (CUDA; CPU tensors under `TRITON_INTERPRET=1`).
 
-The definition they compute is `psg_ops`' (its docstring); `psg_ops._HostPath` is the same
-arithmetic in aten ops and the tests hold the two to each other.
+The definition they compute is docs/psg.md's; `psg_quant.HostPath` is the same arithmetic in
+aten ops and the tests hold the two to each other bitwise.
 
 - `_quantize_pair`: the layer input x and the output gradient g quantised in one launch. The
   programs of the first part each take x's range from the per-sample minima and maxima
   (`aminmax`, read on the device) and fake-quantise one block of x; the others take g's from
   max|g| and fake-quantise one block of g.
 - `_combine`: threshold, fill (0 or the full-precision gradient), sign, cast to the parameter's
-  dtype and the kept count (one atomic add per program into the layer's counter).
+  dtype and the counts (one atomic add of the kept entries per program into the layer's
+  [kept, total] pair; the first program adds the total).
+A kernel that fails to build falls back, with one warning, to `psg_quant.DevicePath`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import psg_ops
+from .psg_quant import DevicePath, PsgConfig, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,17 @@ BLOCK = 4096
 NSB = 256  # per-sample statistics read per loop step
 
 
+_BROKEN: list[str] = []  # kernels that failed to build here: the aten path serves from then on
+_GOOD: set[str] = set()  # kernels that ran once: trusted from then on
+
+
 def usable() -> bool:
     return not _BROKEN
 
 
-_BROKEN: list[str] = []
-LAUNCHES = 0  # kernel launches so far (the op-count test adds them to the aten ops it sees)
+def kernels_run() -> set[str]:
+    """The kernels that have run in this process."""
+    return set(_GOOD)
 
 
 @triton.jit
@@ -100,10 +107,9 @@ def _quantize_pair(x_ptr, xq_ptr, nx, mins_ptr, maxs_ptr, ns, g_ptr, gq_ptr, ng,
         tl.store(gq_ptr + offs, _cast_out(out, gq_ptr), mask=m)
 
 
-@triton.jit
-def _combine(r_ptr, full_ptr, out_ptr, n, rmax_ptr, kept_ptr, t,
-             RELATIVE: tl.constexpr, SPARSIFY: tl.constexpr, SIGN: tl.constexpr, COUNT: tl.constexpr,
-             BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n"])
+def _combine(r_ptr, full_ptr, out_ptr, n, rmax_ptr, counts_ptr, t,
+             RELATIVE: tl.constexpr, SPARSIFY: tl.constexpr, SIGN: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -120,13 +126,13 @@ def _combine(r_ptr, full_ptr, out_ptr, n, rmax_ptr, kept_ptr, t,
     if SIGN:  # torch.sign: NaN and -0 give 0
         o = tl.where(o > 0.0, 1.0, tl.where(o < 0.0, -1.0, 0.0))
     tl.store(out_ptr + offs, _cast_out(o, out_ptr), mask=m)
-    if COUNT:
-        tl.atomic_add(kept_ptr, tl.sum(tl.where(m & (drop == 0), 1, 0).to(tl.int64), 0))
+    tl.atomic_add(counts_ptr, tl.sum(tl.where(m & (drop == 0), 1, 0).to(tl.int64), 0))
+    if pid == 0:
+        tl.atomic_add(counts_ptr + 1, n.to(tl.int64))
 
 
-def _launch(kernel, programs: int, *args, **kw) -> None:
-    global LAUNCHES
-    LAUNCHES += 1
+def launch(kernel, programs: int, *args, **kw) -> None:
+    """Launch `kernel` on a 1-d grid of `programs` (every launch of this module goes through here)."""
     kernel[(programs,)](*args, **kw)
 
 
@@ -154,13 +160,14 @@ class _OnDevice:
             self.ctx.__exit__(*a)
 
 
-def _guarded(kernel_name: str, launch, fallback):
-    """Launch; if this kernel has never run, a failure to build or launch it falls back to the aten
-    path for the rest of the process, with one warning (a kernel that ran once is trusted)."""
+def _guarded(kernel_name: str, run, fallback):
+    """`run()` (which launches the kernel); if this kernel has never run, a failure to build or
+    launch it falls back to the aten path for the rest of the process, with one warning (a kernel
+    that ran once is trusted)."""
     if kernel_name in _GOOD:
-        return launch()
+        return run()
     try:
-        out = launch()
+        out = run()
     except Exception as e:  # a Triton/driver combination this kernel does not build on
         if os.environ.get("PAB_PSG_BACKEND") == "triton":
             raise
@@ -171,49 +178,44 @@ def _guarded(kernel_name: str, launch, fallback):
     return out
 
 
-_GOOD: set[str] = set()
-
-
 class TritonPath:
     name = "triton"
 
     @staticmethod
-    def quantize(x, g, cfg):
+    def quantize(x: torch.Tensor, g: torch.Tensor, cfg: PsgConfig) -> tuple[torch.Tensor, torch.Tensor]:
         x, g = _dense(x), _dense(g)
-        mins, maxs = torch.aminmax(psg_ops._rows(x), dim=1)
+        mins, maxs = torch.aminmax(sample_rows(x), dim=1)
         gmax = torch.linalg.vector_norm(g, math.inf)
 
-        def launch():
+        def run():
             xq, gq = torch.empty_like(x), torch.empty_like(g)
             nbx, nbg = _cdiv(x.numel(), BLOCK), _cdiv(g.numel(), BLOCK)
             if nbx + nbg:
                 with _OnDevice(x):
-                    _launch(_quantize_pair, nbx + nbg, x, xq, x.numel(), mins, maxs, mins.numel(), g, gq, g.numel(), gmax, nbx,
-                            X_LEVELS=float(2**cfg.msb_bits), G_LEVELS=float(2**cfg.msb_bits_grad), BLOCK=BLOCK, NSB=NSB,
-                            num_warps=8)
+                    launch(_quantize_pair, nbx + nbg, x, xq, x.numel(), mins, maxs, mins.numel(), g, gq, g.numel(), gmax, nbx,
+                           X_LEVELS=float(2**cfg.msb_bits), G_LEVELS=float(2**cfg.msb_bits_grad), BLOCK=BLOCK, NSB=NSB,
+                           num_warps=8)
             return xq, gq
 
-        return _guarded("quantize_pair", launch, lambda: psg_ops._DevicePath.quantize(x, g, cfg))
+        return _guarded("quantize_pair", run, lambda: DevicePath.quantize(x, g, cfg))
 
     @staticmethod
-    def combine(box, r_full, cfg, stats, out_dtype):
-        r = _dense(box.pop())
+    def combine(msb_grad: torch.Tensor, full_grad: torch.Tensor | None, cfg: PsgConfig, counts: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        r = _dense(msb_grad)
         relative = cfg.threshold_mode == "relative"
         rmax = torch.linalg.vector_norm(r, math.inf) if relative else r  # (unused when absolute)
-        if r_full is not None and r_full.stride() != r.stride():
-            r, r_full = r.contiguous(), r_full.contiguous()
+        if full_grad is not None and full_grad.stride() != r.stride():
+            r, full_grad = r.contiguous(), full_grad.contiguous()
 
-        def launch():
+        def run():
             out = r if r.dtype == out_dtype else torch.empty_like(r, dtype=out_dtype)  # in place when it can
-            kept = stats.counter(r.device) if stats is not None else out  # (unused without stats)
             n = r.numel()
             if n:
                 with _OnDevice(r):
-                    _launch(_combine, _cdiv(n, BLOCK), r, r if r_full is None else r_full, out, n, rmax, kept,
-                            float(cfg.threshold), RELATIVE=relative, SPARSIFY=r_full is None, SIGN=cfg.take_sign,
-                            COUNT=stats is not None, BLOCK=BLOCK, num_warps=8)
-            if stats is not None:
-                stats.total += n
+                    launch(_combine, _cdiv(n, BLOCK), r, r if full_grad is None else full_grad, out, n, rmax, counts,
+                           float(cfg.threshold), RELATIVE=relative, SPARSIFY=full_grad is None, SIGN=cfg.take_sign,
+                           BLOCK=BLOCK, num_warps=8)
             return out
 
-        return _guarded("combine", launch, lambda: psg_ops._DevicePath.combine([r], r_full, cfg, stats, out_dtype))
+        return _guarded("combine", run, lambda: DevicePath.combine(r, full_grad, cfg, counts, out_dtype))

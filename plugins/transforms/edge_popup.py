@@ -61,8 +61,10 @@ class _TopK(torch.autograd.Function):
 
 
 def supermask(m: nn.Module) -> torch.Tensor:
-    """The layer's current 0/1 mask (cached between forwards while the scores do not change and no gradient is needed)."""
-    if torch.is_grad_enabled() and m.scores.requires_grad:
+    """The layer's current 0/1 mask (eagerly cached between forwards while the scores do not change
+    and no gradient is needed; a compiled forward computes it, as the cache's version checks would
+    make the compiler guard on them)."""
+    if (torch.is_grad_enabled() and m.scores.requires_grad) or torch.compiler.is_compiling():
         return _TopK.apply(m.scores, m.ep_keep, m.ep_abs)
     version = m.scores._version
     cached = m.__dict__.get("_ep_cache")
