@@ -13,6 +13,13 @@ recorded (its status and the tail of its output) and the suite goes on:
                 against the original-style loop (times, masks_equal)
   tests         pytest tests/test_cuda.py
 
+Named in `--parts` only (compiled, issue 25's figures; each compiles its models first):
+  psg_step_compiled     psg_step.py with both models compiled, `--compile reduce-overhead` (CUDA
+                        graphs): PSG/plain per model and precision (goal <= 1.10)
+  train_cifar_compiled  train_cifar with both loops compiled the same way (reduce-overhead): the
+                        train stage's per-epoch overhead over a bare compiled loop (goal <= 3 %)
+  train_r50_compiled    train_r50 likewise
+
 Prints a table, then as its very last line one JSON object gathering every part's figures (each
 benchmark's own last line), statuses and times. A part named twice in `--parts` runs twice (the
 second run's record is `<part>#2`): two runs of a figure from one call, as a goal needs. `--quick`
@@ -20,6 +27,7 @@ makes every part small, to prove the plumbing on a CPU (`--device cpu --quick`);
 mean nothing.
 
     python benchmarks/gpu_suite.py [--device cuda] [--quick] [--budget 540] [--parts bop_step,tests] [--json out.json] [--logs DIR]
+    python benchmarks/gpu_suite.py --parts psg_step_compiled,train_cifar_compiled,bop_step,bop_step --budget 780
 """
 from __future__ import annotations
 
@@ -36,10 +44,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 GOAL_S = 300
+COMPILED = ("psg_step_compiled", "train_cifar_compiled", "train_r50_compiled")  # run when named in --parts
 
 
 def parts(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
-    """name -> (command, time limit in seconds)."""
+    """name -> (command, time limit in seconds): the default parts, then the COMPILED ones."""
+    plan = _parts(device, quick)
+    # the same parts compiled: CUDA graphs on CUDA; elsewhere (a CPU's --quick) Inductor's default mode
+    mode = ["--compile", "reduce-overhead" if device.startswith("cuda") else "default"]
+    plan["psg_step_compiled"] = ([*plan["psg_step"][0], *mode], 300 if quick else 360)
+    plan["train_cifar_compiled"] = ([*plan["train_cifar"][0], *mode, *(["--epochs", "2"] if quick else [])], 400 if quick else 300)
+    plan["train_r50_compiled"] = ([*plan["train_r50"][0], *mode, *(["--epochs", "2"] if quick else [])], 400 if quick else 300)
+    return plan
+
+
+def _parts(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
     py = sys.executable
     dev = ["--device", device]
     if quick:  # tiny: the plumbing, not the figures
@@ -65,6 +84,22 @@ def parts(device: str, quick: bool) -> dict[str, tuple[list[str], int]]:
         "prune": ([py, str(BENCH / "prune_speed.py"), *dev, "--iterations", "100", "--resnet50-baseline", "--no-grasp"], 120),
         "tests": ([py, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")], 300),
     }
+
+
+def choose(plan: dict, names: str | None) -> dict:
+    """The runs of `--parts` (comma-separated, in that order; a part named twice runs twice, the
+    second as `<part>#2`), or without it every part but the COMPILED ones."""
+    if not names:
+        return {k: v for k, v in plan.items() if k not in COMPILED}
+    want = [p.strip() for p in names.split(",") if p.strip()]
+    unknown = [p for p in want if p not in plan]
+    if unknown:
+        raise ValueError(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(plan)}")
+    runs: dict = {}
+    for k in want:  # in the order given: put first what matters most; a repeated part is a second run
+        n = sum(1 for r in runs if r.split("#")[0] == k)
+        runs[k if n == 0 else f"{k}#{n + 1}"] = plan[k]
+    return runs
 
 
 def _text(b) -> str:
@@ -133,7 +168,8 @@ def summary(name: str, rec: dict) -> str:
     if name == "tests":
         return f"{f.get('passed', 0)} passed, {len(f.get('failed', []))} failed, {f.get('skipped', 0)} skipped" + \
             (f" ({', '.join(f['failed'][:4])})" if f.get("failed") else "")
-    train = ("bare_img_s", "pab_img_s", "overhead", "epoch_overhead", "bare_fixed_s", "pab_fixed_s")
+    train = ("bare_img_s", "pab_img_s", "overhead", "epoch_overhead", "bare_fixed_s", "pab_fixed_s", "bare_compile_s", "pab_compile_s")
+    name = name.removesuffix("_compiled")
     keys = {"bop_step": None, "psg_step": None, "train_cifar": train, "train_r50": train,
             "prune": ("baseline_s", "ours_s", "speedup", "masks_equal", "resnet50_baseline_s", "resnet50_s", "resnet50_speedup", "resnet50_masks_equal")}[name]
     items = [(k, v) for k, v in f.items() if (keys is None or k in keys) and not isinstance(v, (dict, list))]
@@ -160,21 +196,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="every part tiny: proves the plumbing (e.g. on a CPU); the figures mean nothing")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole suite; a part gets at most what is left")
     ap.add_argument("--parts", default=None, help="comma-separated parts, run in the order given (a part named twice runs twice), from: "
-                    + ", ".join(parts("cuda", False)))
+                    + ", ".join(parts("cuda", False)) + f" (default: all but {', '.join(COMPILED)})")
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON object to this file")
     ap.add_argument("--logs", type=Path, default=None, help="write each part's whole output to DIR/<part>.log")
     a = ap.parse_args()
-    plan = parts(a.device, a.quick)
-    if a.parts:
-        want = [p.strip() for p in a.parts.split(",") if p.strip()]
-        unknown = [p for p in want if p not in plan]
-        if unknown:
-            ap.error(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(plan)}")
-        runs: dict = {}
-        for k in want:  # in the order given: put first what matters most; a repeated part is a second run
-            n = sum(1 for r in runs if r.split("#")[0] == k)
-            runs[k if n == 0 else f"{k}#{n + 1}"] = plan[k]
-        plan = runs
+    try:
+        plan = choose(parts(a.device, a.quick), a.parts)
+    except ValueError as e:
+        ap.error(str(e))
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
     env.setdefault("CI", "1")  # plain progress lines

@@ -18,8 +18,13 @@ metrics.jsonl, the bare loop's own) and the fixed seconds around the epochs (bui
 and the optimizer, moving the data, and for pab checkpoints, model.pt and result.json), so a
 long run's overhead (epoch_overhead) reads apart from a short run's set-up.
 With --nproc N (N > 1) it also runs `pab run --nproc N` and reports the scaling over one process.
+With --compile MODE both are compiled the same way: pab through `runtime.compile: MODE`, the bare
+loop's model with the same in-place compile (`pab_framework.compiling.compile_forward`); each run
+compiles its own model in its first epoch, which the per-epoch figures leave out (with --epochs 2
+or more), and the first step's seconds of each (bare_compile_s, pab_compile_s: the stage's
+result.json `compile_s`) are given beside.
 
-    python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu] [--phases]
+    python benchmarks/train_throughput.py [--quick] [--reps 3] [--nproc 2] [--device cpu] [--phases] [--compile default]
     python benchmarks/train_throughput.py --device cuda --data synthetic --model resnet50 --batch 64 --image-size 224 --classes 1000
 """
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pab_framework.compiling import compile_forward  # noqa: E402
 from pab_framework.context import StageContext  # noqa: E402
 from pab_framework.modelutil import prunable_parameters  # noqa: E402
 from pab_framework.optim import OptimizerContext  # noqa: E402
@@ -58,7 +64,7 @@ def make_images(root: Path, n_train: int, n_val: int, classes: int = 10) -> None
             Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(d / f"{i}.png")
 
 
-def spec_dict(data: dict, out: Path, model: dict, batch: int, epochs: int, device: str) -> dict:
+def spec_dict(data: dict, out: Path, model: dict, batch: int, epochs: int, device: str, compile_mode: str = "none") -> dict:
     return {
         "name": "throughput",
         "seed": 0,
@@ -67,18 +73,22 @@ def spec_dict(data: dict, out: Path, model: dict, batch: int, epochs: int, devic
         "stages": {"train": {"kind": "train", "epochs": epochs,
                              "optimizer": {"name": "bop", "ar": 1e-3, "tau": 1e-6,
                                            "rest": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}}}},
-        "runtime": {"device": device, "output_dir": str(out), "progress": "none"},
+        "runtime": {"device": device, "output_dir": str(out), "progress": "none", "compile": compile_mode},
     }
 
 
 def bare(spec, epochs: int, acc: dict | None = None, epoch_s: list | None = None) -> tuple[float, int]:
     """The same model, optimizer and data in a loop with nothing else; (seconds, training images).
-    `epoch_s` gets each epoch's seconds (training and validation)."""
+    `epoch_s` gets each epoch's seconds (training and validation); with runtime.compile the model
+    is compiled as the train stage compiles it, and `acc["compile_s"]` gets the first step's seconds."""
     t0 = time.perf_counter()
     device = torch.device(spec.runtime.device)
     st = spec.stages["train"]
     ctx = StageContext(spec, "train", st, "", Path("."), {}, device, None)  # only its builders are used
     model = ctx.build_model().to(device)
+    opts = spec.runtime.compile_options()
+    if opts is not None:
+        compile_forward(model, opts, device)
     masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_parameters(model).items()}
     named = list(model.named_parameters())
     module_of = {f"{mn}.{pn}" if mn else pn: m for mn, m in model.named_modules() for pn, _ in m.named_parameters(recurse=False)}
@@ -113,12 +123,15 @@ def bare(spec, epochs: int, acc: dict | None = None, epoch_s: list | None = None
         model.train()
         t_steps = time.perf_counter()
         for x, y in train:
+            t_first = time.perf_counter() if n == 0 else None
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
             n += y.numel()
+            if t_first is not None and opts is not None:
+                acc["compile_s"] = time.perf_counter() - t_first
         opt.schedule_epoch(epoch)
         t_eval = time.perf_counter()
         acc["steps"] = acc.get("steps", 0.0) + t_eval - t_steps
@@ -132,8 +145,10 @@ def bare(spec, epochs: int, acc: dict | None = None, epoch_s: list | None = None
     return time.perf_counter() - t0, n
 
 
-def pab(spec, epoch_s: list | None = None) -> tuple[float, int]:
+def pab(spec, epoch_s: list | None = None, acc: dict | None = None) -> tuple[float, int]:
     (out,) = run_spec(spec, force=True)
+    if acc is not None and "compile_s" in out.result:
+        acc["compile_s"] = out.result["compile_s"]
     if epoch_s is not None:
         epoch_s += [json.loads(line)["epoch_s"] for line in (out.dir / "metrics.jsonl").read_text().splitlines()]
     return out.wall_s, len(spec.data.plugin.build(spec.data.params, "train", base_dir=spec.base_dir)) * spec.stages["train"].params.epochs
@@ -185,6 +200,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--phases", action="store_true", help="also print where each pab run's time went (model, set-up, steps, evaluation, checkpoints, model.pt)")
     ap.add_argument("--train-size", type=int, default=None, help="training images (default 2048; 384 with --quick); validation: a quarter")
+    ap.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="compile both loops this way (pab: runtime.compile)")
     a = ap.parse_args()
     width = a.width or (16 if a.quick else 64)
     batch = a.batch or (64 if a.quick else 128)
@@ -200,7 +217,7 @@ def main() -> None:
             data = {"name": "imagefolder", "root": str(tmp / "data"), "image_size": 32}
         else:
             data = {"name": "synthetic", "image_size": a.image_size, "num_classes": a.classes, "train_size": n_train, "val_size": n_val}
-        sd = spec_dict(data, tmp / "runs", model, batch, a.epochs, a.device)
+        sd = spec_dict(data, tmp / "runs", model, batch, a.epochs, a.device, a.compile)
         (tmp / "spec.yaml").write_text(dump_yaml(sd))
         spec = load_spec(tmp / "spec.yaml")
         bare(spec, 1)  # warm-up: allocator, kernels, file cache, Bop's compilation
@@ -208,15 +225,19 @@ def main() -> None:
         split = {"bare": [], "pab": []}  # (seconds per epoch, fixed seconds) of every run
         phase_runs: list[dict] = []
         live: dict = {}
+        compile_s: dict = {"bare": [], "pab": []}
         if a.phases:
             time_phases(live)
         for r in range(a.reps):  # ABBA order: a drift in the machine's load hits both alike
             for which in (("bare", "pab") if r % 2 == 0 else ("pab", "bare")):
                 live.clear()
                 ep: list = []
-                s, n = bare(spec, a.epochs, live, ep) if which == "bare" else pab(spec, ep)
+                s, n = bare(spec, a.epochs, live, ep) if which == "bare" else pab(spec, ep, live)
+                if "compile_s" in live:
+                    compile_s[which].append(live.pop("compile_s"))
                 times[which].append(n / s)
-                split[which].append((sum(ep) / len(ep), s - sum(ep)))
+                warm = ep[1:] if a.compile != "none" and len(ep) > 1 else ep  # compiled: the first epoch compiles
+                split[which].append((sum(warm) / len(warm), s - sum(ep)))
                 if a.phases:
                     phase_runs.append({"run": which, "wall": s, **live})
         bare_img_s, pab_img_s = max(times["bare"]), max(times["pab"])
@@ -227,6 +248,8 @@ def main() -> None:
         (b_ep, b_fix), (p_ep, p_fix) = (min(split[k]) for k in ("bare", "pab"))  # the fastest epochs of either
         figs.update({"bare_epoch_s": round(b_ep, 4), "pab_epoch_s": round(p_ep, 4), "epoch_overhead": round(p_ep / b_ep - 1, 4),
                      "bare_fixed_s": round(min(f for _, f in split["bare"]), 3), "pab_fixed_s": round(min(f for _, f in split["pab"]), 3)})
+        if a.compile != "none":
+            figs.update({"compile": a.compile, **{f"{k}_compile_s": round(min(v), 2) for k, v in compile_s.items() if v}})
         if a.nproc > 1:
             env = dict(os.environ)
             env.pop("WORLD_SIZE", None)
@@ -250,6 +273,9 @@ def main() -> None:
     print(f"split: an epoch (training + validation) takes {figs['bare_epoch_s']:.3f} s bare, {figs['pab_epoch_s']:.3f} s in pab "
           f"({figs['epoch_overhead']:+.2%}); fixed seconds per run around the epochs: bare {figs['bare_fixed_s']:.3f}, "
           f"pab {figs['pab_fixed_s']:.3f} (best of each)")
+    if a.compile != "none":
+        print(f"compiled (mode {a.compile}) both: the first step (compiling) takes {figs.get('bare_compile_s', 0):.1f} s bare, "
+              f"{figs.get('pab_compile_s', 0):.1f} s in pab (fastest of each); the epoch figures leave the first epoch out")
     if a.phases:
         labels = ["wall"] + [p[0] for p in PHASES]
         print("seconds by phase, every run (pab: steps, evaluate, checkpoints are inside fit; bare: its training loop"

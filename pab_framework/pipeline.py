@@ -12,10 +12,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import artifacts, checkpoint, datacheck, distributed
+from . import artifacts, checkpoint, compiling, datacheck, distributed
 from .blame import plugin_failure
 from .context import DistInfo, StageContext, Upstream
-from .errors import PabError
+from .errors import PabError, SpecError
 from .graph import stage_keys, topological_order
 from .metrics import finite_figures
 from .progress import Reporter
@@ -62,6 +62,18 @@ def stage_dir(spec: ExperimentSpec, stage_id: str, key: str) -> Path:
 
 def pick_device(spec: ExperimentSpec, dist: DistInfo) -> torch.device:
     return distributed.pick_device(spec.runtime, dist)
+
+
+def check(spec: ExperimentSpec, dist: DistInfo, device: torch.device) -> None:
+    """What a spec asks that this job cannot do (processes, devices, runtime.compile): every
+    problem, named by its key, before any work."""
+    probs = compiling.problems(spec, device)
+    try:
+        distributed.check(spec, dist, device)
+    except SpecError as e:
+        probs = [spec.problem(p.path, p.message) for p in e.problems] + probs  # placed: the file's line, or the --set
+    if probs:
+        raise SpecError(probs) from None
 
 
 class Step(NamedTuple):
@@ -131,7 +143,7 @@ def run_spec(spec: ExperimentSpec, *, force: bool = False, restart: bool = False
     dist = dist or DistInfo()
     reporter = reporter or Reporter(mode=spec.runtime.progress, enabled=dist.is_main)
     device = pick_device(spec, dist)
-    distributed.check(spec, dist, device)
+    check(spec, dist, device)
     outcomes: dict[str, StageOutcome] = {}
     steps = prepare(spec, dist.world_size, force=force, dist=dist)
     with open_trackers(spec, dist, reporter, group, needed=bool(to_run(steps, force))) as trackers:

@@ -4,9 +4,8 @@ load the upstream model and masks, apply the transforms, `Trainer(...).fit()`, s
 A step: forward (under `runtime.amp`), loss, backward (through the fp16 gradient scaler), the
 optimizer step, re-masking with the live masks, the running sums. An epoch's end: evaluation, the
 figures of the optimizer and the callbacks recorded into one metrics sink, the schedules advanced.
-Everything else is a callback (`pab_framework.callbacks`), and checkpoints and resume are the run's
-`Checkpointer` (`pab_framework.checkpointing`). Nothing in a step waits for the device.
-"""
+The rest is callbacks (`pab_framework.callbacks`), checkpoints and resume the run's `Checkpointer`
+(`checkpointing`), runtime.compile `compiling`. Nothing in a step waits for the device."""
 from __future__ import annotations
 
 import time
@@ -15,6 +14,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
+from . import compiling
 from .callbacks import Callback, hook_table, standard
 from .checkpointing import Checkpointer
 from .evaluation import RunningSums, evaluate
@@ -40,6 +40,7 @@ class Trainer:
         self.model, self.masks, self.epochs = model, masks, epochs
         self.train, self.val = stage.batches("train", shard=True), stage.batches("val", shard=True)
         self.steps_per_epoch = len(self.train)
+        compiled = compiling.in_place(stage, model)  # runtime.compile: forward compiled in place, before DDP wraps the model
         self.net = stage.parallel(model)  # DDP under several processes: gradients all-reduced, so every rank steps alike
         octx = OptimizerContext.for_model(model, masks, epochs, self.steps_per_epoch)
         self.opt: TrainOptimizer = build_optimizer(octx)
@@ -47,8 +48,8 @@ class Trainer:
         self.scaler = stage.grad_scaler()
         self._scaled = ScaledStep(self.opt, [q for _, q in octx.named_params], self.scaler) if self.scaler is not None else None
         self.checkpoints = Checkpointer(stage, checkpoint_every_steps)
-        self.callbacks: list[Callback] = (standard(callbacks, checkpoints=self.checkpoints, on_nonfinite=on_nonfinite)
-                                          if standard_callbacks else list(callbacks))
+        self.callbacks: list[Callback] = [*compiled, *(standard(callbacks, checkpoints=self.checkpoints, on_nonfinite=on_nonfinite)
+                                                       if standard_callbacks else callbacks)]
         # where training stands
         self.epoch, self.step = 0, 0  # the epoch in progress (0-based; after it ends, the epochs done), steps of it done
         self.sums = RunningSums(self.device)  # of the epoch in progress, on this rank

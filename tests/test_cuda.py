@@ -4,7 +4,8 @@ Their bodies were run on the CPU (device names swapped) while writing them; on a
 unmeasured until someone lent one runs the suite.
 
 Bop's default implementation against the eager reference, bitwise; PSG's weight gradients on CUDA
-against the CPU's, and a PSG model compiled (default and reduce-overhead) against eager; the quickstart on `runtime.device: cuda`; AMP (bf16 and fp16 with its gradient
+against the CPU's, and a PSG model compiled (default and reduce-overhead) against eager; the quickstart on `runtime.device: cuda`,
+and compiled with CUDA graphs (`runtime.compile: reduce-overhead`, fp32 and bf16) against eager; AMP (bf16 and fp16 with its gradient
 scaler) train stages with Bop, with and without PSG; `runtime.channels_last`; two DDP processes on
 one GPU over gloo, and over NCCL where two GPUs exist.
 """
@@ -241,3 +242,28 @@ def test_ddp_two_processes_one_gpu_gloo(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per process: two GPUs")
 def test_ddp_two_processes_nccl(tmp_path):
     _two_processes(tmp_path, "nccl")
+
+
+# last: the longest (compiles), so a suite out of time cuts it rather than the others
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_quickstart_compiled_with_cuda_graphs(tmp_path, monkeypatch, amp):
+    """runtime.compile: reduce-overhead (CUDA graphs, PSG's Triton kernels inside its operator) on
+    the short quickstart: val_acc as eager within 0.01, compile_s recorded, model.pt with the eager
+    keys, nothing compiled after the first epoch (no recompile, no new graph)."""
+    import pab_faults
+    from torch._dynamo.utils import counters
+
+    sets = [*SHORT, f"runtime.amp={amp}"]
+    with no_tf32():
+        eager = run(QUICKSTART, tmp_path / "eager", *sets)
+        torch._dynamo.reset()
+        graphs = []
+        pab_faults.at("epoch-end", 1, lambda trainer: graphs.append(counters["stats"]["unique_graphs"]), monkeypatch.setattr)
+        comp = run(QUICKSTART, tmp_path / "compiled", *sets, "runtime.compile=reduce-overhead")
+    assert graphs and counters["stats"]["unique_graphs"] == graphs[0] >= 2
+    res = comp["train"].result
+    assert res["compile_s"] > 0 and abs(res["val_acc"] - eager["train"].result["val_acc"]) <= 0.01
+    s1, _ = artifacts.load_model_artifact(comp["train"].dir / "model.pt")
+    s2, _ = artifacts.load_model_artifact(eager["train"].dir / "model.pt")
+    assert list(s1) == list(s2)
+    torch._dynamo.reset()

@@ -45,3 +45,15 @@ def test_suite_ends_with_one_json_object():
         assert t["figures"]["passed"] + t["figures"]["skipped"] >= 10
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--parts", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part(s) nope" in bad.stderr
+
+
+def test_compiled_parts_run_when_named():
+    """The compiled parts (issue 25's figures) are the default parts with `--compile` (CUDA graphs on
+    CUDA, Inductor's default elsewhere), and run only when named."""
+    plan = gpu_suite.parts("cuda", False)
+    for name in gpu_suite.COMPILED:
+        cmd, base = plan[name][0], plan[name.removesuffix("_compiled")][0]
+        assert cmd[: len(base)] == base and cmd[len(base): len(base) + 2] == ["--compile", "reduce-overhead"], name
+    assert gpu_suite.parts("cpu", True)["train_cifar_compiled"][0][-4:] == ["--compile", "default", "--epochs", "2"]
+    assert not set(gpu_suite.COMPILED) & set(gpu_suite.choose(plan, None)) and "bop_step" in gpu_suite.choose(plan, None)
+    assert list(gpu_suite.choose(plan, "psg_step_compiled,bop_step,bop_step")) == ["psg_step_compiled", "bop_step", "bop_step#2"]

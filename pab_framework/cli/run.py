@@ -24,7 +24,7 @@ def _launch(s, n: int, argv: list[str], *, force: bool, debug: bool, max_restart
     through torch's elastic launcher (restarting them up to `max_restarts` times); the job's exit code."""
     from .. import distributed, pipeline  # heavy: torch
 
-    distributed.check(s, distributed.DistInfo(world_size=n, local_world_size=n), distributed.pick_device(s.runtime, distributed.DistInfo()))
+    pipeline.check(s, distributed.DistInfo(world_size=n, local_world_size=n), distributed.pick_device(s.runtime, distributed.DistInfo()))
     pipeline.prepare(s, n, force=force)  # once, before N processes start
     return distributed.launch(argv, n, max_restarts=max_restarts, debug=debug,
                               log=lambda m: err.print("error: " + m if "failed" in m else m, markup=False))
@@ -89,6 +89,19 @@ def run(
     out.print(stage_table(f"{s.name}: results", [(o.stage_id, o.kind, o.status, o.result, o.wall_s, o.dir) for o in outcomes]))
 
 
+def _check_here(s) -> None:
+    """What `pab run` would refuse on this machine (pipeline.check); nothing that needs a device
+    this machine lacks (a login node validating a spec for the GPUs of a cluster's nodes)."""
+    from .. import distributed, pipeline  # heavy: torch
+
+    try:
+        device = distributed.pick_device(s.runtime, distributed.DistInfo())
+    except PabError:  # runtime.device: cuda without one here: checked where it runs
+        return
+    n = s.runtime.nproc_per_node
+    pipeline.check(s, distributed.DistInfo(world_size=n, local_world_size=n), device)
+
+
 def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, debug: bool = DebugOpt):
     """Check SPEC (or a grid file, every run of it) without running it: exit 0 when valid, 2 with the problems otherwise."""
     from .. import grid as G  # heavy: torch (the grid package, the pipeline)
@@ -102,6 +115,7 @@ def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, debug: bo
             out.print(f"{spec}: a valid grid ({len(g.runs)} runs of {rel(g.base)}); `pab grid {spec} --dry-run` shows the runs and the stages they share")
             return
         s = load_spec(spec, set_ or [])
+        _check_here(s)
         steps = prepare(s)  # a complete stage needs no data
     except PabError as e:
         fail(e, debug)

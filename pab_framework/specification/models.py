@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from ..errors import Problem
 from .calls import DataCall, LoggerCall, ModelCall, PluginSection
@@ -17,6 +17,33 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # Inductor's modes
+
+
+class CompileSpec(StrictModel):
+    """`runtime.compile` as a mapping: torch.compile's options for the model a train stage trains."""
+
+    mode: Literal[COMPILE_MODES] = Field("default", description="Inductor's mode: `reduce-overhead` and `max-autotune` capture CUDA graphs (CUDA only).")
+    fullgraph: bool = Field(False, description="One graph or an error: a plugin that breaks the graph stops the stage instead of running partly eager.")
+    dynamic: Optional[bool] = Field(
+        None, description="null: the batch dimension is dynamic (the smaller last batch and the evaluation batches reuse the "
+        "graph); true: every dimension; false: a graph per input shape.")
+    backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="`inductor` compiles; `aot_eager` and `eager` trace without compiling (to tell a compiler "
+        "problem from a tracing one).")
+
+    @model_validator(mode="after")
+    def _mode_is_inductors(self):
+        if self.backend != "inductor" and self.mode != "default":
+            raise ValueError(f"mode {self.mode!r} is Inductor's: with backend {self.backend!r} leave mode out")
+        return self
+
+
+def _compile_kind(v: Any) -> str:
+    """Which form `runtime.compile` is written in (its errors are that form's alone)."""
+    return "[mapping]" if isinstance(v, (dict, CompileSpec)) else "[name]"
 
 
 class RuntimeSpec(StrictModel):
@@ -43,6 +70,13 @@ class RuntimeSpec(StrictModel):
     amp: Literal["none", "bf16", "fp16"] = Field(
         "none", description="Automatic mixed precision of the forward pass: bf16, or fp16 with a gradient scaler (CUDA)."
     )
+    compile: Annotated[Union[Annotated[Literal[("none",) + COMPILE_MODES], Tag("[name]")], Annotated[CompileSpec, Tag("[mapping]")]],
+                       Discriminator(_compile_kind)] = Field(
+        "none", json_schema_extra={"key": False},  # compiled or eager, a stage computes the same (up to float rounding)
+        description="torch.compile the model the train stage trains (and its evaluation): `none`, `default`, `reduce-overhead` "
+        "(CUDA graphs), `max-autotune`, `max-autotune-no-cudagraphs`, or a mapping {mode, fullgraph, dynamic, backend}. "
+        "Stage keys leave it out: a run interrupted compiled resumes eager and the other way round.",
+    )
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="Progress display: rich bars on a terminal, plain log lines otherwise."
     )
@@ -55,6 +89,12 @@ class RuntimeSpec(StrictModel):
     max_restarts: int = Field(
         0, ge=0, le=1000, description="`pab run --nproc N`: times the elastic launcher restarts the processes when one dies; "
         "each restart resumes from the stage's checkpoint (`pab run --max-restarts` overrides).")
+
+    def compile_options(self) -> CompileSpec | None:
+        """`compile` as a mapping; None when the model runs eager."""
+        if isinstance(self.compile, CompileSpec):
+            return self.compile
+        return None if self.compile == "none" else CompileSpec(mode=self.compile)
 
     @field_validator("persistent_workers", "prefetch_factor")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import types
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -19,6 +19,8 @@ def model_in(tp: Any, shape: str = "one") -> tuple[type[BaseModel], str] | None:
     """The pydantic model a field annotation holds, and how: "one", or a "list" or "dict" of
     them (through Optional, Union and `X | Y`); None when it holds none."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        return model_in(get_args(tp)[0], shape)
     if origin is Union or origin is types.UnionType:
         for a in get_args(tp):
             if a is not type(None):
@@ -108,7 +110,7 @@ def problems_from_validation(err: ValidationError, prefix: tuple, model: Any) ->
     validated model, or a FieldSet) gives the 'did you mean' hints of unknown keys."""
     out = []
     for e in err.errors(include_url=False):
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and (x.startswith("function-") or x == "[key]")))
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and (x.startswith("function-") or x.startswith("["))))
         out.append((prefix + loc, _message(e, loc, model)))
     return out
 
