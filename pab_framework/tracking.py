@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import artifacts
-from .checkpoint import Interrupted
+from .checkpoint import Interrupted, StopSignals
 from .metrics import table_files
 from .specification import LoggerCall
 from .tracker_thread import TrackerThread
@@ -170,7 +170,10 @@ class Trackers:
         try:
             yield
         except BaseException as e:
-            self._end(st, status_of(e), [])
+            # under DDP a peer's failure reaches this rank first as a socket error, and the launcher's
+            # SIGTERM follows within a tenth of a second: held off while the runs end (wait_s at most)
+            with StopSignals():
+                self._end(st, status_of(e), [])
             raise
         finally:
             self._stage = None
