@@ -245,6 +245,7 @@ def test_fp16_with_an_absolute_threshold_or_signs_is_refused(tmp_path, write_spe
 
     base = TINY_SPEC.replace("    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}",
                              "    optimizer: {name: bop, ar: 1.0e-3, tau: 1.0e-6}\n    quantizer: {name: psg, QQ}")
+    base = base.replace("device: cpu", "device: cuda")  # fp16 is for CUDA (a CPU spec with amp: fp16 is refused for that alone)
     spec = write_spec(base.replace("QQ", "threshold_mode: absolute").replace("progress: plain", "progress: plain, amp: fp16"))
     r = CliRunner().invoke(app, ["validate", str(spec)])
     assert r.exit_code == 2, r.output
