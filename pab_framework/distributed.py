@@ -293,7 +293,9 @@ def _quiet_elastic(debug: bool) -> None:
 
 def exit_code_of(failures: dict) -> tuple[int, int]:
     """(exit code, rank) of a failed launch: a rank's own pab exit code (2, 4, 3) first, then any
-    other non-zero code, then a signal (as 128 + its number)."""
+    other non-zero code, then a signal (as 128 + its number), SIGTERM last: that is what the
+    launcher sends the other ranks once one died, so the rank a signal other than SIGTERM killed
+    (an abort, SIGKILL) is the one to name."""
     codes = {int(rank): int(f.exitcode) for rank, f in failures.items()}
     for want in EXIT_PRIORITY:
         for rank in sorted(codes):
@@ -302,8 +304,10 @@ def exit_code_of(failures: dict) -> tuple[int, int]:
     for rank in sorted(codes):
         if codes[rank] > 0:
             return codes[rank], rank
-    rank = min(codes) if codes else 0
-    code = codes.get(rank, 1)
+    if not codes:
+        return 1, 0
+    rank = min(codes, key=lambda r: (codes[r] == -signal.SIGTERM, r))
+    code = codes[rank]
     return (128 - code if code < 0 else 1), rank
 
 

@@ -294,6 +294,7 @@ def test_exit_code_of_a_failed_launch():
     assert distributed.exit_code_of({1: F(3)}) == (3, 1)
     assert distributed.exit_code_of({0: F(-9), 1: F(1)}) == (1, 1)
     assert distributed.exit_code_of({0: F(-9)}) == (137, 0)
+    assert distributed.exit_code_of({0: F(-15), 1: F(-6)}) == (134, 1)  # the abort, not the launcher's SIGTERM that followed it
 
 
 def test_sharding_covers_every_example_once():

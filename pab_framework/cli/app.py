@@ -2,6 +2,7 @@
 point (`pab`, `python -m pab_framework`, one rank of a DDP job)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -51,16 +52,15 @@ def main() -> None:
     if "WORLD_SIZE" not in os.environ:  # (distributed.under_launcher(), without importing torch first)
         app()
         return
-    # one rank of a DDP job: once its error is reported, it ends at once. Left to the interpreter's
-    # shutdown, the process group's threads may still be talking to a peer that is gone, and the
-    # C++ runtime aborts the process (exit 134) instead of letting it exit with its own code
+    # one rank of a DDP job: once its work is done or its error reported, it ends at once. Left to
+    # the interpreter's shutdown, the threads of the process group (or of the launcher's store
+    # client) may still be talking to a peer that is gone, and the C++ runtime aborts the process
+    # ("terminate called without an active exception", exit 134) instead of letting it exit with its own code
     try:
         app()
+        _exit_now(0)
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if code == 0:
-            raise
-        _exit_now(code)
+        _exit_now(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
     except BaseException:  # a bug: its traceback, as Python would print it
         traceback.print_exc()
         _exit_now(1)
@@ -68,6 +68,7 @@ def main() -> None:
 
 def _exit_now(code: int) -> None:
     # the trackers of runtime.loggers were ended on the way out of the run (pab_framework.tracking)
+    logging.shutdown()
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
