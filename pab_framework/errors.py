@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class PabError(Exception):
@@ -15,6 +16,16 @@ class PabError(Exception):
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message
+
+
+def install_command(extra: str) -> str:
+    """The command that installs pab's `extra` where this pab came from: `pip install -e
+    '/path/to/pab[extra]'` when pab runs from its source folder (a clone, installed in editable
+    mode), `pip install 'pab[extra]'` when it was installed from a wheel."""
+    source = Path(__file__).resolve().parents[1]
+    if (source / "pyproject.toml").is_file() and (source / "plugins").is_dir():
+        return f"pip install -e '{source}[{extra}]'"
+    return f"pip install 'pab[{extra}]'"
 
 
 @dataclass

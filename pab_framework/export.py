@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from . import artifacts
 from .data import DataInfo
-from .errors import ArtifactError, DataError, PabError, PluginError
+from .errors import ArtifactError, DataError, PabError, PluginError, install_command
 from .modelutil import apply_masks_, build_model
 from .registry import registry
 from .specification import DataCall, ModelCall, PluginCall
@@ -266,4 +266,4 @@ def require(module: str, extra: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PabError(f"{what} needs the {module} package, which is not installed; install it with: pip install 'pab[{extra}]'") from None
+        raise PabError(f"{what} needs the {module} package, which is not installed; install it with: {install_command(extra)}") from None

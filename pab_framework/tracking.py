@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import artifacts
+from .errors import install_command
 from .checkpoint import Interrupted, StopSignals
 from .metrics import table_files
 from .specification import LoggerCall
@@ -85,7 +86,7 @@ def needs_package(module: str, extra: str) -> list[tuple[tuple, str]]:
     """For a tracker's `spec_problems`: the spec is refused, with the install command, when
     `module` cannot be imported here."""
     if importlib.util.find_spec(module) is None:
-        return [((), f"the {extra} logger needs the {module} package, which is not installed; install it with: pip install 'pab[{extra}]'")]
+        return [((), f"the {extra} logger needs the {module} package, which is not installed; install it with: {install_command(extra)}")]
     return []
 
 

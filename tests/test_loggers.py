@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -58,7 +60,7 @@ def test_csv_and_tensorboard_match_metrics_jsonl(tmp_path):
 
 
 def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
-    from pab_framework.errors import PabError
+    from pab_framework.errors import PabError, install_command
     from pab_framework.tracking import TrackedRun
     from pab_plugins.loggers.files import TensorBoard
 
@@ -70,11 +72,11 @@ def test_tensorboard_missing_is_one_clear_message(write_spec, monkeypatch):
 
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 2
-    assert "runtime.loggers" in r.output and "pip install 'pab[tensorboard]'" in r.output
+    assert "runtime.loggers" in r.output and install_command("tensorboard") in r.output.replace("\n", "")
     assert f"{path}:14" in r.output  # the line of the runtime section
     assert "Traceback" not in r.output
     run = TrackedRun("train", "tiny", None, write_spec("", "x").parent, "train", "train", "k" * 64, 0, 2, {}, {}, {})
-    with pytest.raises(PabError, match=r"pab\[tensorboard\]"):  # (what its tracker thread would warn of, had it gone away after validation)
+    with pytest.raises(PabError, match=re.escape(install_command("tensorboard"))):  # (what its tracker thread would warn of, had it gone away after validation)
         TensorBoard().start(TensorBoard.Params(), None, run)
 
 
@@ -85,3 +87,12 @@ def test_unknown_logger_is_rejected(write_spec):
     r = CliRunner().invoke(app, ["validate", str(path)])
     assert r.exit_code == 2 and "runtime.loggers[0]" in r.output
     assert "unknown logger 'wandbb'; did you mean 'wandb'?" in r.output and f"{path}:14" in r.output
+
+
+def test_the_install_command_names_the_source_folder_of_a_clone_and_the_package_of_a_wheel(monkeypatch):
+    from pab_framework import errors
+
+    root = Path(errors.__file__).resolve().parents[1]
+    assert errors.install_command("mlflow") == f"pip install -e '{root}[mlflow]'"  # the tests run from a clone
+    monkeypatch.setattr(errors, "__file__", "/site-packages/pab_framework/errors.py")  # as installed from a wheel
+    assert errors.install_command("mlflow") == "pip install 'pab[mlflow]'"

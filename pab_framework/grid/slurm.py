@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import PabError
+from ..errors import PabError, install_command
 from .gridfile import Grid
 from .model import SlurmOptions
 
@@ -40,7 +40,7 @@ def _submitit():
     try:
         import submitit  # optional: the slurm extra
     except ImportError:
-        raise PabError("the slurm executor needs submitit: pip install 'pab[slurm]'") from None
+        raise PabError(f"the slurm executor needs submitit, which is not installed; install it with: {install_command('slurm')}") from None
     return submitit
 
 

@@ -84,7 +84,7 @@ class RuntimeSpec(StrictModel):
         default_factory=lambda: ["jsonl"],
         description="Trackers of every training stage besides its metrics.jsonl, which is always written (`jsonl` names it; reports "
         "and caching read it): `pab.loggers` plugins by name or as {name: ..., <parameters>}: `csv` (metrics.csv), `tensorboard` "
-        "(event files under tb/), `mlflow`, `wandb` (their extras: pip install 'pab[mlflow]'), a package's own. Only rank 0 logs.",
+        "(event files under tb/), `mlflow`, `wandb` (each needs its extra: pab[tensorboard], pab[mlflow], pab[wandb]), a package's own. Only rank 0 logs.",
     )
     max_restarts: int = Field(
         0, ge=0, le=1000, description="`pab run --nproc N`: times the elastic launcher restarts the processes when one dies; "

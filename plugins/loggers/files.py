@@ -10,10 +10,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from pab_framework import artifacts
-from pab_framework.errors import PabError
+from pab_framework.errors import PabError, install_command
 from pab_framework.tracking import needs_package
 
-TENSORBOARD_HINT = "install it with: pip install 'pab[tensorboard]' (or: pip install tensorboard)"
+TENSORBOARD_HINT = f"install it with: {install_command('tensorboard')} (or: pip install tensorboard)"
 
 
 class _NoParams(BaseModel):
