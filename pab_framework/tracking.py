@@ -283,6 +283,9 @@ def open_trackers(spec: "ExperimentSpec", dist: "DistInfo", reporter: "Reporter"
     is `needed` (every stage reused)."""
     calls = [c for c in spec.runtime.loggers if isinstance(c, LoggerCall)]
     if not (calls and needed and dist.is_main):
+        if calls and dist.is_main:  # (a user who adds a tracker to a finished run expects to see it there)
+            reporter.log(f"every stage is reused: {', '.join(c.name for c in calls)} get{'s' if len(calls) == 1 else ''} nothing "
+                         "(a tracker gets the stages a run computes; --force computes them again)")
         yield Trackers()
         return
     scope = TrackerScope(group.name if group else spec.name, spec.resolve_path(spec.runtime.output_dir), spec.base_dir,

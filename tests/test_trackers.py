@@ -392,3 +392,15 @@ def test_runtime_loggers_take_names_and_mappings(write_spec):
     assert mlf.plugin.name == "mlflow" and mlf.params.experiment == "x" and mlf.wait_s == 5
     assert s.resolved_dict()["runtime"]["loggers"][2] == {"name": "mlflow", "every_s": 10.0, "wait_s": 5.0, "tracking_uri": None,
                                                            "experiment": "x", "artifact_location": None}
+
+
+def test_a_run_whose_stages_are_all_reused_says_its_trackers_get_nothing(tmp_path, write_spec):
+    from pab_framework.cli import app
+
+    path = write_spec(TINY_SPEC.replace("epochs: 2", "epochs: 1"))
+    args = ["run", str(path), "--set", f"runtime.output_dir={tmp_path / 'runs'}"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    r = CliRunner().invoke(app, [*args, "--set", "runtime.loggers=[jsonl, csv]"])
+    assert r.exit_code == 0, r.output
+    assert "every stage is reused: csv gets nothing" in r.output and "--force" in r.output
+    assert not list((tmp_path / "runs").rglob("metrics.csv"))  # (nothing was sent: the note is true)
