@@ -208,6 +208,20 @@ def export_stage(stage_dir: str | Path, fmt: str = "packed", out: str | Path | N
     return Exported(src, fmt, path, path.stat().st_size, src.model_file.stat().st_size, note)
 
 
+def discard_exports(stage_dir: str | Path) -> list[Path]:
+    """Remove the files `pab export` wrote into a stage directory by default (`model<suffix>` of
+    every installed format): called when the stage is computed again, whose new model they do not
+    describe. Returns what it removed."""
+    d = Path(stage_dir)
+    gone = []
+    for entry in registry().entries(GROUP).values():
+        p = d / f"model{entry.plugin.suffix}"
+        if p != d / artifacts.MODEL and p.is_file():
+            p.unlink()
+            gone.append(p)
+    return gone
+
+
 def packed_bytes(stage_dir: str | Path, fmt: str = "packed") -> int:
     """The size the stage's model takes in format `fmt`, encoded in memory (nothing written)."""
     plugin = exporter(fmt)

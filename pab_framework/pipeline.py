@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import artifacts, checkpoint, compiling, datacheck, distributed
+from . import artifacts, checkpoint, compiling, datacheck, distributed, export
 from .blame import plugin_failure
 from .context import DistInfo, StageContext, Upstream
 from .errors import PabError, SpecError
@@ -200,6 +200,8 @@ def _compute(ctx: StageContext, restart: bool, overrides: list[str]) -> StageOut
         # a forced re-run: the stage is incomplete from here until its new result is written
         if (sdir / artifacts.RESULT).exists():
             os.unlink(sdir / artifacts.RESULT)
+        for p in export.discard_exports(sdir):  # exported from the stage's earlier model
+            reporter.log(f"removed {p.name}: `pab export` wrote it from the stage's earlier model")
         artifacts.atomic_write_text(sdir / artifacts.SPEC, dump_yaml(stage_doc(ctx, overrides)))
     dist.barrier()  # rank 0's directory (and a --restart's discarded checkpoint) before anyone reads it
     t0 = time.perf_counter()

@@ -227,3 +227,25 @@ def test_the_command_line(study, tmp_path):
     r = run(app, ["results", str(root)])
     assert r.exit_code == 0 and "model.pt / packed" in r.output
     assert study["pab"].result["data_info"] == {"num_classes": 10, "input_shape": [1, 8, 8]}  # recorded for loading without the data
+
+
+def test_a_stage_computed_again_loses_the_exports_of_its_earlier_model(tmp_path):
+    """`pab run --force` recomputes a stage: model.pab and model.safetensors written from its earlier
+    model.pt would describe a network that is no longer the stage's, so they go (and the run says so)."""
+    from typer.testing import CliRunner
+
+    from conftest import TINY_SPEC
+    from pab_framework.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY_SPEC.replace("epochs: 2", "epochs: 1"))
+    args = ["run", str(spec), "--set", f"runtime.output_dir={tmp_path / 'runs'}"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (train,) = (tmp_path / "runs" / "tiny").glob("train-*")
+    for fmt in ("packed", "safetensors"):
+        export.export_stage(train, fmt)
+    (train / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(app, [*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert not (train / "model.pab").exists() and not (train / "model.safetensors").exists()
+    assert "removed model.pab" in r.output and (train / "notes.txt").read_text() == "mine"  # nothing else touched
