@@ -176,15 +176,18 @@ def test_what_cannot_work_is_refused_with_its_place(write_spec, monkeypatch):
     assert compiling.problems(load_spec(_spec(write_spec), [f"runtime.compile={AOT}"]), cpu) == []
 
 
-def test_validate_and_run_refuse_cuda_graphs_on_the_cpu(write_spec):
+def test_validate_and_run_refuse_cuda_graphs_on_the_cpu(write_spec, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pab_framework.cli import app
+
     spec = _spec(write_spec)
-    env = with_hooks(dict(os.environ))
+    monkeypatch.chdir(spec.parent)
     for cmd in (["validate", str(spec)], ["run", str(spec)]):
-        p = subprocess.run([sys.executable, "-m", "pab_framework", *cmd, "--set", "runtime.compile=reduce-overhead"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2, p.stdout + p.stderr
-        assert "error: invalid spec: --set runtime.compile=reduce-overhead, runtime.compile: reduce-overhead captures CUDA graphs" in p.stderr
-        assert "Traceback" not in p.stderr
+        r = CliRunner().invoke(app, [*cmd, "--set", "runtime.compile=reduce-overhead"], terminal_width=300)
+        assert r.exit_code == 2, r.output
+        assert "error: invalid spec: --set runtime.compile=reduce-overhead, runtime.compile: reduce-overhead captures CUDA graphs" in r.output
+        assert "Traceback" not in r.output
     assert not (spec.parent / "runs").exists()  # refused before any work
 
 
