@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -169,7 +170,8 @@ class Trackers:
         record = artifacts.read_json(ctx.dir / RECORD) if resumed and (ctx.dir / RECORD).is_file() else {}
         st = self._stage = _Stage(ctx, record if isinstance(record, dict) else {})
         try:
-            yield
+            with _sigterm_ends_the_stage():
+                yield
         except BaseException as e:
             # under DDP a peer's failure reaches this rank first as a socket error, and the launcher's
             # SIGTERM follows within a tenth of a second: held off while the runs end (wait_s at most)
@@ -256,6 +258,25 @@ class Trackers:
     def close(self) -> None:
         for t in self.trackers:
             t.close()
+
+
+@contextmanager
+def _sigterm_ends_the_stage() -> Iterator[None]:
+    """While a tracked stage runs: SIGTERM where nothing else handles it (outside the training loop,
+    whose own handler checkpoints and stops) raises SystemExit(143) instead of killing the process
+    where it stands, so that the stage's tracker runs end KILLED rather than stay RUNNING."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _epoch(row: dict, tables: dict) -> Epoch:
