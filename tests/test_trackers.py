@@ -404,3 +404,30 @@ def test_a_run_whose_stages_are_all_reused_says_its_trackers_get_nothing(tmp_pat
     assert r.exit_code == 0, r.output
     assert "every stage is reused: csv gets nothing" in r.output and "--force" in r.output
     assert not list((tmp_path / "runs").rglob("metrics.csv"))  # (nothing was sent: the note is true)
+
+
+def test_sigterm_outside_the_training_loop_ends_the_tracker_run_killed(tmp_path, monkeypatch, test_trackers):
+    """SIGTERM after the last epoch (writing model.pt, where the loop's own handler is gone): the
+    process ends with 143 as SIGTERM's default would, but through SystemExit, so the stage's tracker
+    run ends KILLED instead of staying RUNNING; afterwards SIGTERM's handler is what it was."""
+    import os
+    import signal
+
+    from pab_framework.context import StageContext
+
+    real = StageContext.save_model
+
+    def save_then_sigterm(self, *a, **k):
+        real(self, *a, **k)
+        if self.stage_id == "train":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(StageContext, "save_model", save_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        run_spec(load_spec(_spec(tmp_path, "[records_test]", epochs=1)))
+    assert e.value.code == 128 + signal.SIGTERM
+    (run,) = _Records.runs
+    assert run["status"] == "KILLED" and [[x.epoch for x in b] for b in run["sent"]] == [[1]]
+    assert not (_train_dir(tmp_path) / "result.json").exists()  # the stage is not complete: running again computes it
+    assert signal.getsignal(signal.SIGTERM) == before
