@@ -213,6 +213,8 @@ def discard_exports(stage_dir: str | Path) -> list[Path]:
     every installed format): called when the stage is computed again, whose new model they do not
     describe. Returns what it removed."""
     d = Path(stage_dir)
+    if not any(p.name != artifacts.MODEL for p in d.glob("model.*")):  # (most stages: the exporters stay unloaded)
+        return []
     gone = []
     for entry in registry().entries(GROUP).values():
         p = d / f"model{entry.plugin.suffix}"
